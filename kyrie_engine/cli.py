@@ -1,0 +1,45 @@
+"""The `kyrie-engine` command.
+
+Each sub-command lives in its own module and parses its own arguments, so
+`kyrie-engine migrate` does not pay for importing CrewAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "migrate": ("kyrie_engine.migrate", "apply sql/ to DATABASE_URL (--status lists them)"),
+    "serve": ("kyrie_engine.service", "run the HTTP API and a worker in one process"),
+    "api": ("kyrie_engine.service", "run the HTTP API only"),
+    "worker": ("kyrie_engine.service", "run a worker only"),
+    "demo": ("kyrie_engine.demo", "embedded Postgres, sample workspace, one CFO analysis end to end"),
+    "jobs": ("kyrie_engine.jobs_cli", "inspect, retry and cancel jobs: list|show|retry|cancel|stats"),
+    "bench": ("kyrie_engine.bench", "measure RLS cost, queue throughput and latency, HTTP, analysis"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: kyrie-engine <command> [options]", "", "commands:"]
+    lines += [f"  {name:8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"kyrie-engine: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    if command in ("serve", "api", "worker"):
+        return int(module.main(command, rest))
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Connections, and acting as a Supabase user inside one.
+
+`acting_as` is how every read on behalf of a user happens (the agent's tools,
+the membership check of the API, the tests' RLS matrix): the same `SET LOCAL
+ROLE authenticated` plus `request.jwt.claims` that PostgREST performs, so the
+database's policies, not Python, decide what that user sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from kyrie_engine.settings import is_transaction_pooler
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """Prepared statements do not survive a transaction pooler; turn them off there."""
+    return {"statement_cache_size": 0} if is_transaction_pooler(dsn) else {}
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **connect_kwargs(dsn))
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def acting_as(
+    conn: asyncpg.Connection,
+    user_id: UUID | str | None,
+    *,
+    email: str | None = None,
+    readonly: bool = False,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction in which `conn` is the given user (or `anon` when None).
+
+    Everything is SET LOCAL, so the role and claims end with the transaction
+    and a pooled connection goes back clean even if the block raises.
+    """
+    role = "anon" if user_id is None else "authenticated"
+    claims: dict[str, Any] = {"role": role}
+    if user_id is not None:
+        claims["sub"] = str(user_id)
+    if email is not None:
+        claims["email"] = email
+    async with conn.transaction(readonly=readonly):
+        await conn.execute(
+            "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true)",
+            role,
+            json.dumps(claims),
+        )
+        yield conn
