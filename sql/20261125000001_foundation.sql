@@ -112,7 +112,7 @@ create table public.contracts (
   end_date      date,
   status        text not null default 'active'
                 check (status in ('draft', 'active', 'paused', 'completed', 'cancelled')),
-  created_by    uuid references auth.users (id) on delete set null,
+  created_by    uuid default auth.uid() references auth.users (id) on delete set null,
   created_at    timestamptz not null default now(),
   updated_at    timestamptz not null default now(),
   -- An hourly contract has a rate and no fee; a fixed one a fee and no rate.
