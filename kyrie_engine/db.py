@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
@@ -19,13 +20,25 @@ import asyncpg
 from kyrie_engine.settings import is_transaction_pooler
 
 
+def driver_dsn(dsn: str) -> str:
+    """The DSN without `pgbouncer=true`: a hint for us, which asyncpg would send as a server setting."""
+    parts = urlsplit(dsn)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in pairs if k.lower() != "pgbouncer"]
+    if len(query) == len(pairs):
+        return dsn
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def connect_kwargs(dsn: str) -> dict[str, Any]:
     """Prepared statements do not survive a transaction pooler; turn them off there."""
     return {"statement_cache_size": 0} if is_transaction_pooler(dsn) else {}
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **connect_kwargs(dsn))
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        driver_dsn(dsn), min_size=min_size, max_size=max_size, **connect_kwargs(dsn), **kwargs
+    )
     assert pool is not None
     return pool
 

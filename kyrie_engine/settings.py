@@ -3,26 +3,39 @@
 The KyrieOS team's rule is "fail fast": a service with a missing secret must
 die at start-up with a clear line, not answer 500 at the first request.  Each
 command validates exactly the settings it needs (`migrate` needs only the
-database; `api` needs the secret; `worker` needs the model's key) and turns a
-validation error into one line naming the variable.
+database; `api` needs the secret; `worker` needs the model's key and a
+connection that can LISTEN) and turns a validation error into one line naming
+the variable.  No message ever repeats a value: a malformed DATABASE_URL may
+well carry a password, and a short secret is still a secret.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Literal, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SECRET_MIN_LENGTH = 32
+
 
 def _check_dsn(value: str) -> str:
-    parts = urlsplit(value)
+    # urlsplit's own errors quote pieces of the URL (a port that is really half
+    # a password), so every failure here gets a message of our own.
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("is not a valid URL (check the port, and percent-encode the password)") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ValueError("must be a postgresql:// URL")
-    if not parts.hostname and "host=" not in (parts.query or ""):
+    if not host and "host" not in parse_qs(parts.query):
         raise ValueError("must name a host")
+    if port == 0:
+        raise ValueError("must not use port 0")
     return value
 
 
@@ -33,88 +46,176 @@ def is_transaction_pooler(dsn: str) -> bool:
     transaction may run on another server connection.
     """
     parts = urlsplit(dsn)
-    return parts.port == 6543 or "pgbouncer=true" in (parts.query or "")
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return port == 6543 or "pgbouncer=true" in (parts.query or "").lower()
+
+
+def _env(*names: str) -> AliasChoices:
+    """The variable's name first (error messages quote it), then the field's own name."""
+    return AliasChoices(*names)
 
 
 class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    database_url: str = Field(validation_alias=AliasChoices("DATABASE_URL", "database_url"))
+    database_url: str = Field(validation_alias=_env("DATABASE_URL", "database_url"))
 
-    _check = field_validator("database_url")(classmethod(lambda cls, v: _check_dsn(v)))
+    @field_validator("database_url")
+    @classmethod
+    def _valid_dsn(cls, value: str) -> str:
+        return _check_dsn(value)
 
 
 class Settings(DatabaseSettings):
-    """Everything `serve`, `api` and `worker` read."""
+    """Everything `serve`, `api` and `worker` read.
 
-    internal_secret: SecretStr = Field(
-        validation_alias=AliasChoices("KYRIE_INTERNAL_SECRET", "internal_secret"),
-        min_length=32,
+    The secret is optional in the model because a lone `worker` never answers
+    HTTP; `api` and `serve` call `require_internal_secret()`.  A secret that is
+    present but malformed is refused in every mode.
+    """
+
+    internal_secret: SecretStr | None = Field(
+        default=None, validation_alias=_env("KYRIE_INTERNAL_SECRET", "internal_secret")
     )
-    llm: Literal["groq", "offline"] = Field(
-        default="groq", validation_alias=AliasChoices("KYRIE_LLM", "llm")
-    )
+    llm: Literal["groq", "offline"] = Field(default="groq", validation_alias=_env("KYRIE_LLM", "llm"))
     groq_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("GROQ_API_KEY", "groq_api_key")
+        default=None, validation_alias=_env("GROQ_API_KEY", "groq_api_key")
     )
     groq_model: str = Field(
-        default="llama-3.3-70b-versatile", validation_alias=AliasChoices("KYRIE_GROQ_MODEL", "groq_model")
+        default="llama-3.3-70b-versatile", validation_alias=_env("KYRIE_GROQ_MODEL", "groq_model")
     )
-    groq_base_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("GROQ_BASE_URL", "groq_base_url")
-    )
-    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("KYRIE_HOST", "host"))
-    port: int = Field(default=8000, ge=0, le=65535, validation_alias=AliasChoices("KYRIE_PORT", "port"))
+    groq_base_url: str | None = Field(default=None, validation_alias=_env("GROQ_BASE_URL", "groq_base_url"))
+    host: str = Field(default="127.0.0.1", validation_alias=_env("KYRIE_HOST", "host"))
+    port: int = Field(default=8000, ge=0, le=65535, validation_alias=_env("KYRIE_PORT", "port"))
     concurrency: int = Field(
-        default=4, ge=1, le=256, validation_alias=AliasChoices("KYRIE_CONCURRENCY", "concurrency")
+        default=4, ge=1, le=256, validation_alias=_env("KYRIE_CONCURRENCY", "concurrency")
     )
     max_body_bytes: int = Field(
-        default=64 * 1024, ge=1024, validation_alias=AliasChoices("KYRIE_MAX_BODY_BYTES", "max_body_bytes")
+        default=64 * 1024, ge=1024, le=16 * 1024 * 1024,
+        validation_alias=_env("KYRIE_MAX_BODY_BYTES", "max_body_bytes"),
     )
-    pool_size: int = Field(
-        default=10, ge=1, le=200, validation_alias=AliasChoices("KYRIE_POOL_SIZE", "pool_size")
+    pool_size: int = Field(default=10, ge=1, le=200, validation_alias=_env("KYRIE_POOL_SIZE", "pool_size"))
+    # A direct (or session-mode) connection for LISTEN when DATABASE_URL is a
+    # transaction pooler; without one, the API serves everything but live events.
+    listen_database_url: str | None = Field(
+        default=None, validation_alias=_env("KYRIE_LISTEN_DATABASE_URL", "listen_database_url")
     )
+    sse_ping_seconds: float = Field(
+        default=15.0, gt=0, le=300, validation_alias=_env("KYRIE_SSE_PING_SECONDS", "sse_ping_seconds")
+    )
+    shutdown_grace_seconds: float = Field(
+        default=20.0, ge=0, le=3600,
+        validation_alias=_env("KYRIE_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds"),
+    )
+    db_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=120, validation_alias=_env("KYRIE_DB_TIMEOUT_SECONDS", "db_timeout_seconds")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias=_env("KYRIE_LOG_LEVEL", "log_level")
+    )
+
+    @field_validator("internal_secret")
+    @classmethod
+    def _valid_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        if len(text) < SECRET_MIN_LENGTH:
+            raise ValueError(f"must be at least {SECRET_MIN_LENGTH} characters")
+        if text != text.strip():
+            raise ValueError("must not start or end with whitespace (HTTP strips it from the header)")
+        if not all(" " <= ch <= "~" for ch in text):
+            raise ValueError("must be printable ASCII (it travels in an HTTP header)")
+        return value
+
+    @field_validator("listen_database_url")
+    @classmethod
+    def _valid_listen_dsn(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _check_dsn(value)
+        if is_transaction_pooler(value):
+            raise ValueError("must be a direct or session-mode connection, not a transaction pooler")
+        return value
+
+    @property
+    def listen_dsn(self) -> str | None:
+        """Where LISTEN can run, or None when only a transaction pooler was given."""
+        if self.listen_database_url is not None:
+            return self.listen_database_url
+        return None if is_transaction_pooler(self.database_url) else self.database_url
+
+    def require_internal_secret(self) -> SecretStr:
+        if self.internal_secret is None:
+            raise SettingsError("KYRIE_INTERNAL_SECRET: required but not set")
+        return self.internal_secret
 
     def require_model_key(self) -> None:
         if self.llm == "groq" and (self.groq_api_key is None or not self.groq_api_key.get_secret_value()):
             raise SettingsError("GROQ_API_KEY: required while KYRIE_LLM=groq (set it, or KYRIE_LLM=offline)")
+
+    def require_direct_connection(self) -> None:
+        """The worker sleeps on LISTEN and holds leases in session state: no transaction pooler."""
+        if is_transaction_pooler(self.database_url):
+            raise SettingsError(
+                "DATABASE_URL: points at a transaction pooler (port 6543 or pgbouncer=true), which cannot "
+                "carry the worker's LISTEN; use the direct connection (port 5432) or Supavisor session mode"
+            )
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in a log line (see kyrie_engine.logs)."""
+        values = [s.get_secret_value() for s in (self.internal_secret, self.groq_api_key) if s is not None]
+        for dsn in (self.database_url, self.listen_database_url):
+            password = urlsplit(dsn).password if dsn else None
+            if password:
+                values.append(password)
+        return [v for v in values if v]
 
 
 class SettingsError(Exception):
     """One line naming the variable that is missing or malformed."""
 
 
-_ENV_NAMES = {
-    "database_url": "DATABASE_URL",
-    "internal_secret": "KYRIE_INTERNAL_SECRET",
-    "llm": "KYRIE_LLM",
-    "groq_api_key": "GROQ_API_KEY",
-}
+def _env_name(model: type[BaseSettings], field: str) -> str:
+    """The location is the alias read (the variable's name) or the field's name: say the variable."""
+    info = model.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return field.upper()
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, model: type[BaseSettings]) -> str:
     first = exc.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "settings"
-    name = _ENV_NAMES.get(field, field.upper())
+    name = _env_name(model, field)
     if first["type"] == "missing":
         return f"{name}: required but not set"
+    message = str(first["msg"]).removeprefix("Value error, ")
     # Never echo the input: it may be a secret.
-    return f"{name}: {first['msg']}"
+    return f"{name}: {message}"
 
 
 def load(model: type[DatabaseSettings] = Settings) -> DatabaseSettings:
     try:
         return model()  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise SettingsError(_one_line(exc)) from None
+        raise SettingsError(_one_line(exc, model)) from None
 
 
 def load_or_exit(model: type[DatabaseSettings] = Settings) -> DatabaseSettings:
     try:
         return load(model)
     except SettingsError as exc:
-        print(f"kyrie-engine: refusing to start: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(exc)
+
+
+def exit_with(exc: SettingsError) -> NoReturn:
+    print(f"kyrie-engine: refusing to start: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def database_url_from_env() -> str:

@@ -1,0 +1,389 @@
+"""The queue's Python face: the one module that speaks queue SQL.
+
+Every state transition is a function in `sql/20261125000004_jobs.sql`; this
+module calls them and turns rows into Python values.  It works on any asyncpg
+connection or pool, whether or not the caller registered a JSON codec: JSON
+crosses the wire as text (`$n::text::jsonb` in, `::text` out), so the API's
+pool, a handler's transaction and the worker's own pool all behave alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, TypeAlias
+from uuid import UUID
+
+import asyncpg
+import pydantic_core
+from asyncpg.pool import PoolConnectionProxy
+from pydantic import BaseModel
+
+# Anything that runs a statement: a connection (possibly inside the caller's
+# transaction), a pool, or a connection acquired from a pool.
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+Status = Literal["pending", "running", "completed", "failed", "cancelled"]
+log = logging.getLogger(__name__)
+STATUSES: tuple[Status, ...] = ("pending", "running", "completed", "failed", "cancelled")
+
+
+def to_json(value: Any) -> str | None:
+    """JSON text for a jsonb parameter; None stays SQL NULL.  pydantic's encoder
+    takes what handlers return in practice (dates, Decimals, UUIDs, models)."""
+    if value is None:
+        return None
+    return pydantic_core.to_json(value).decode()
+
+
+def _from_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Job(BaseModel):
+    """A row of `public.jobs`, as the API and the CLI show it."""
+
+    id: UUID
+    workspace_id: UUID | None
+    user_id: UUID | None
+    kind: str
+    payload: dict[str, Any]
+    status: Status
+    result: Any
+    error: str | None
+    priority: int
+    run_at: dt.datetime
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    idempotency_key: str | None
+    progress: dict[str, Any] | None
+    usage: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def from_record(cls, row: Mapping[str, Any]) -> Job:
+        data = dict(row)
+        for key in ("payload", "result", "progress", "usage"):
+            data[key] = _from_json(data[key])
+        return cls.model_validate(data)
+
+
+# The columns of a job with its JSON as text; `{src}` is a set-returning call.
+_JOB_SELECT = """
+select id, workspace_id, user_id, kind, payload::text as payload, status, result::text as result,
+       error, priority, run_at, attempts, max_attempts, lease_owner, lease_expires_at,
+       idempotency_key, progress::text as progress, usage::text as usage,
+       created_at, updated_at, started_at, finished_at
+from {src}
+"""
+
+
+def _select(src: str) -> str:
+    return _JOB_SELECT.format(src=src)
+
+
+class Enqueued(NamedTuple):
+    id: UUID
+    created: bool  # False: the idempotency key matched an existing job, whose id this is
+
+
+# ---------------------------------------------------------------------------
+# enqueue and look up (the API, embedding programs)
+
+
+def _autocommit(executor: Executor) -> bool:
+    """True when each statement on `executor` commits on its own."""
+    return isinstance(executor, asyncpg.Pool) or not executor.is_in_transaction()
+
+
+class _WakeUps:
+    """One `kyrie.wake_workers()` for many concurrent enqueues of a process.
+
+    A notification wakes workers for every job committed before it was sent.
+    So a caller whose insert has committed need not send its own if a send
+    *started* after its commit; it waits for the send in flight (which may
+    have started earlier), then sends unless a later one already covered it.
+    Fifty concurrent callers make two or three calls instead of fifty.
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._committed = 0  # commits counted so far
+        self._covered = 0  # commits a started notification covers
+
+    async def after_commit(self, executor: Executor) -> None:
+        self._committed += 1
+        mine = self._committed
+        async with self._lock:
+            if self._covered >= mine:
+                return
+            upto = self._committed
+            await executor.execute("select kyrie.wake_workers()")
+            self._covered = max(self._covered, upto)
+
+
+_wake_ups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeUps] = weakref.WeakKeyDictionary()
+
+
+async def _wake_workers(executor: Executor) -> None:
+    """Best effort: the job is committed, and a worker's poll finds it anyway,
+    so a failure here must not make the caller think the enqueue failed."""
+    loop = asyncio.get_running_loop()
+    wake = _wake_ups.get(loop)
+    if wake is None:
+        wake = _wake_ups[loop] = _WakeUps()
+    try:
+        await wake.after_commit(executor)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("jobs committed but the wake-up notification failed (%s); workers will poll", exc)
+
+
+async def enqueue(
+    executor: Executor,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    workspace_id: UUID | None = None,
+    user_id: UUID | None = None,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+    run_at: dt.datetime | None = None,
+    max_attempts: int | None = None,
+) -> Enqueued:
+    """Add one job.  On a connection inside a transaction, the job exists (and
+    the workers are woken) only if that transaction commits."""
+    own_commit = _autocommit(executor)
+    row = await executor.fetchrow(
+        "select id, created from kyrie.enqueue_job($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, $9)",
+        kind, to_json(payload), workspace_id, user_id, idempotency_key, priority, run_at, max_attempts,
+        not own_commit,
+    )
+    assert row is not None
+    if own_commit and row["created"]:
+        await _wake_workers(executor)
+    return Enqueued(row["id"], row["created"])
+
+
+async def enqueue_many(
+    executor: Executor,
+    kind: str,
+    payloads: Sequence[dict[str, Any]],
+    *,
+    workspace_id: UUID | None = None,
+    user_id: UUID | None = None,
+    priority: int = 0,
+    run_at: dt.datetime | None = None,
+    max_attempts: int | None = None,
+) -> list[UUID]:
+    """Add many jobs of one kind in one statement: one commit, one wake-up."""
+    own_commit = _autocommit(executor)
+    rows = await executor.fetch(
+        "select id from kyrie.enqueue_jobs($1, $2::text[]::jsonb[], $3, $4, $5, $6, $7, $8) as id",
+        kind, [to_json(p) for p in payloads], workspace_id, user_id, priority, run_at, max_attempts,
+        not own_commit,
+    )
+    if own_commit and rows:
+        await _wake_workers(executor)
+    return [r["id"] for r in rows]
+
+
+async def get_job(executor: Executor, id: UUID) -> Job | None:
+    row = await executor.fetchrow(_select("public.jobs") + " where id = $1", id)
+    return None if row is None else Job.from_record(row)
+
+
+async def cancel_job(executor: Executor, id: UUID, reason: str | None = None) -> Job | None:
+    """Cancel a pending or running job; a running handler is stopped within a
+    second.  Returns the job as it now is (status tells whether it was still
+    cancellable), None when there is no such job."""
+    row = await executor.fetchrow(_select("kyrie.cancel_job($1, $2)"), id, reason)
+    return None if row is None else Job.from_record(row)
+
+
+async def retry_job(executor: Executor, id: UUID) -> Job | None:
+    """Run a failed or cancelled job again with fresh attempts (or a scheduled one now)."""
+    row = await executor.fetchrow(_select("kyrie.retry_job($1)"), id)
+    return None if row is None else Job.from_record(row)
+
+
+async def list_jobs(
+    executor: Executor,
+    *,
+    status: Status | None = None,
+    kind: str | None = None,
+    workspace_id: UUID | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Latest first, optionally filtered."""
+    rows = await executor.fetch(
+        _select("public.jobs")
+        + " where ($1::text is null or status = $1) and ($2::text is null or kind = $2)"
+        " and ($3::uuid is null or workspace_id = $3) order by created_at desc limit $4",
+        status, kind, workspace_id, limit,
+    )
+    return [Job.from_record(r) for r in rows]
+
+
+async def queue_stats(executor: Executor) -> list[dict[str, Any]]:
+    return [dict(r) for r in await executor.fetch("select * from kyrie.queue_stats")]
+
+
+async def running_jobs(executor: Executor) -> list[dict[str, Any]]:
+    rows = await executor.fetch(
+        "select id, kind, workspace_id, attempt, max_attempts, lease_owner, started_at, running_for,"
+        " lease_left, progress::text as progress from kyrie.running_jobs"
+    )
+    return [{**dict(r), "progress": _from_json(r["progress"])} for r in rows]
+
+
+async def recent_failures(executor: Executor, limit: int = 20) -> list[dict[str, Any]]:
+    return [dict(r) for r in await executor.fetch("select * from kyrie.recent_failures limit $1", limit)]
+
+
+async def purge_jobs(executor: Executor, older_than: dt.timedelta) -> int:
+    return int(await executor.fetchval("select kyrie.purge_jobs($1)", older_than))
+
+
+async def set_kind_limit(executor: Executor, kind: str, max_running: int | None) -> None:
+    """Cap running jobs of a kind across all workers (None removes the cap)."""
+    if max_running is None:
+        await executor.execute("delete from kyrie.job_kind_limits where kind = $1", kind)
+    else:
+        await executor.execute(
+            "insert into kyrie.job_kind_limits (kind, max_running) values ($1, $2)"
+            " on conflict (kind) do update set max_running = excluded.max_running",
+            kind, max_running,
+        )
+
+
+# ---------------------------------------------------------------------------
+# the worker's side
+
+
+@dataclass(slots=True)
+class ClaimedJob:
+    """What a worker needs to run one attempt; lighter than `Job` on the hot path."""
+
+    id: UUID
+    kind: str
+    payload: dict[str, Any]
+    workspace_id: UUID | None
+    user_id: UUID | None
+    attempt: int
+    max_attempts: int
+
+
+async def claim_jobs(
+    executor: Executor, owner: str, room: Mapping[str, int], limit: int, lease_seconds: float
+) -> list[ClaimedJob]:
+    """Up to `limit` due jobs, at most `room[kind]` of each kind, leased to `owner`."""
+    kinds = [k for k, n in room.items() if n > 0]
+    if not kinds or limit <= 0:
+        return []
+    rows = await executor.fetch(
+        "select id, kind, payload::text as payload, workspace_id, user_id, attempt, max_attempts"
+        " from kyrie.claim_jobs($1, $2, $3, $4, $5)",
+        owner, kinds, [room[k] for k in kinds], limit, lease_seconds,
+    )
+    return [
+        ClaimedJob(r["id"], r["kind"], json.loads(r["payload"]), r["workspace_id"], r["user_id"],
+                   r["attempt"], r["max_attempts"])
+        for r in rows
+    ]
+
+
+async def heartbeat_jobs(
+    executor: Executor, owner: str, held: Mapping[UUID, int], lease_seconds: float
+) -> set[UUID]:
+    """Extend the leases of `held` (id -> attempt); returns the ids still held."""
+    if not held:
+        return set()
+    rows = await executor.fetch(
+        "select id from kyrie.heartbeat_jobs($1, $2, $3, $4) as id",
+        owner, list(held), list(held.values()), lease_seconds,
+    )
+    return {r["id"] for r in rows}
+
+
+async def set_progress(
+    executor: Executor, id: UUID, owner: str, attempt: int, progress: dict[str, Any]
+) -> bool:
+    return bool(await executor.fetchval(
+        "select kyrie.set_job_progress($1, $2, $3, $4::text::jsonb)", id, owner, attempt, to_json(progress)
+    ))
+
+
+async def complete_job(
+    executor: Executor, id: UUID, owner: str, attempt: int, result: Any, usage: dict[str, Any] | None = None
+) -> bool:
+    return bool(await executor.fetchval(
+        "select kyrie.complete_job($1, $2, $3, $4::text::jsonb, $5::text::jsonb)",
+        id, owner, attempt, to_json(result), to_json(usage),
+    ))
+
+
+async def complete_jobs(executor: Executor, owner: str, done: Iterable[tuple[UUID, int, Any]]) -> set[UUID]:
+    """Complete many attempts (id, attempt, result) in one statement; returns those completed."""
+    ids, attempts, results = [], [], []
+    for id, attempt, result in done:
+        ids.append(id)
+        attempts.append(attempt)
+        results.append(to_json(result))
+    if not ids:
+        return set()
+    rows = await executor.fetch(
+        "select id from kyrie.complete_jobs($1, $2, $3, $4::text[]::jsonb[]) as id",
+        owner, ids, attempts, results,
+    )
+    return {r["id"] for r in rows}
+
+
+async def fail_job(
+    executor: Executor,
+    id: UUID,
+    owner: str,
+    attempt: int,
+    error: str,
+    *,
+    retry: bool = True,
+    base_seconds: float = 2.0,
+    cap_seconds: float = 3600.0,
+) -> Status | None:
+    """Record a failed attempt; returns the new status ('pending' = will retry),
+    None when the attempt was no longer held."""
+    row = await executor.fetchrow(
+        "select status from kyrie.fail_job($1, $2, $3, $4, $5, $6, $7)",
+        id, owner, attempt, error, retry, base_seconds, cap_seconds,
+    )
+    return None if row is None else row["status"]
+
+
+async def retry_later(executor: Executor, id: UUID, owner: str, attempt: int, delay_seconds: float) -> bool:
+    return bool(await executor.fetchval(
+        "select kyrie.retry_later($1, $2, $3, $4)", id, owner, attempt, delay_seconds
+    ))
+
+
+async def release_jobs(executor: Executor, owner: str, held: Mapping[UUID, int]) -> set[UUID]:
+    """Hand attempts back (pending, due now, attempt not counted); returns those released."""
+    if not held:
+        return set()
+    rows = await executor.fetch(
+        "select id from kyrie.release_jobs($1, $2, $3) as id", owner, list(held), list(held.values())
+    )
+    return {r["id"] for r in rows}
+
+
+async def reclaim_expired_leases(executor: Executor) -> list[tuple[UUID, Status]]:
+    """Put jobs whose worker vanished back in the queue; returns (id, new status)."""
+    rows = await executor.fetch("select id, status from kyrie.reclaim_expired_leases()")
+    return [(r["id"], r["status"]) for r in rows]

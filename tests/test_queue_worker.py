@@ -1,0 +1,302 @@
+"""The worker in this process: handler outcomes, timeouts, cancels, limits, schedules, stops."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import asyncpg
+import pytest
+from queue_support import FAST, running, wait_until
+
+from kyrie_engine import queue
+from kyrie_engine.worker import JobContext, PermanentFailure, RetryLater, Worker
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def make_worker(dsn: str, handlers: dict[str, Any], **options: Any) -> Worker:
+    settings = {**FAST, "handle_signals": False, "pool_size": 4, **options}
+    return Worker(dsn, handlers, **settings)
+
+
+async def finished(db: asyncpg.Connection, job_id: Any, within: float = 30) -> queue.Job:
+    async def done() -> queue.Job | None:
+        job = await queue.get_job(db, job_id)
+        return job if job is not None and job.status in TERMINAL else None
+
+    return await wait_until(done, within, what=f"job {job_id} to finish")
+
+
+# ---------------------------------------------------------------------------
+# what a handler does, and what becomes of its job
+
+calls: Counter[str] = Counter()
+
+
+async def returns(job: JobContext) -> dict[str, Any]:
+    return {"echo": job.payload, "attempt": job.attempt}
+
+
+async def raises(job: JobContext) -> None:
+    raise ValueError("boom")
+
+
+async def fails_once(job: JobContext) -> dict[str, Any]:
+    if job.attempt == 1:
+        raise ConnectionError("flaky upstream")
+    return {"attempt": job.attempt}
+
+
+async def permanent(job: JobContext) -> None:
+    raise PermanentFailure("contract_ids must not be empty")
+
+
+async def retry_later_once(job: JobContext) -> dict[str, Any]:
+    calls[f"later {job.id}"] += 1
+    if calls[f"later {job.id}"] == 1:
+        raise RetryLater(0.05, "429 from the model")
+    return {"attempt": job.attempt}
+
+
+async def hangs(job: JobContext) -> None:
+    await asyncio.sleep(60)
+
+
+def blocking(job: JobContext) -> dict[str, Any]:
+    time.sleep(0.05)  # a plain function: runs in a thread, off the event loop
+    return {"off_loop": threading.current_thread() is not threading.main_thread()}
+
+
+async def completes_in_own_transaction(job: JobContext) -> dict[str, Any]:
+    async with job.pool.acquire() as conn, conn.transaction():
+        await conn.execute("insert into queue_test.marks (job_id) values ($1)", job.id)
+        await job.complete(conn, {"atomic": True})
+    return {"ignored": True}  # the job is completed already; this return value is not written
+
+
+async def reports_progress(job: JobContext) -> dict[str, Any]:
+    await job.progress("reading worklogs", 50)
+    return {"done": True}
+
+
+CASES = [
+    # handler, max_attempts, status, attempts, result, error contains
+    (returns, 3, "completed", 1, {"echo": {"n": 1}, "attempt": 1}, None),
+    (raises, 2, "failed", 2, None, "ValueError: boom"),
+    (fails_once, 3, "completed", 2, {"attempt": 2}, None),
+    (permanent, 5, "failed", 1, None, "PermanentFailure: contract_ids must not be empty"),
+    (retry_later_once, 1, "completed", 1, {"attempt": 1}, None),  # RetryLater burns no attempt
+    (hangs, 1, "failed", 1, None, "ran past its 0.3s timeout"),
+    (blocking, 1, "completed", 1, {"off_loop": True}, None),
+    (completes_in_own_transaction, 1, "completed", 1, {"atomic": True}, None),
+    (reports_progress, 1, "completed", 1, {"done": True}, None),
+]
+
+
+@pytest.mark.parametrize(("handler", "max_attempts", "status", "attempts", "result", "error"), CASES,
+                         ids=[c[0].__name__ for c in CASES])
+async def test_handler_outcomes(
+    db_dsn: str, db: asyncpg.Connection, handler: Any, max_attempts: int, status: str, attempts: int,
+    result: Any, error: str | None,
+) -> None:
+    await db.execute("create schema queue_test; create table queue_test.marks (job_id uuid)")
+    enq = await queue.enqueue(db, "test.kind", {"n": 1}, max_attempts=max_attempts)
+    worker = make_worker(db_dsn, {"test.kind": handler}, timeouts={"test.kind": 0.3})
+    async with running(worker):
+        job = await finished(db, enq.id)
+    assert (job.status, job.attempts, job.result) == (status, attempts, result)
+    if error is None:
+        assert job.error is None
+    else:
+        assert job.error is not None and error in job.error
+    if handler is completes_in_own_transaction:
+        assert await db.fetchval("select count(*) from queue_test.marks where job_id = $1", enq.id) == 1
+    if handler is reports_progress:
+        assert job.progress == {"step": "reading worklogs", "percent": 50}
+
+
+async def test_retries_back_off_and_stop_at_max_attempts(db_dsn: str, db: asyncpg.Connection) -> None:
+    starts: list[float] = []
+
+    async def always_fails(job: JobContext) -> None:
+        starts.append(time.monotonic())
+        raise RuntimeError(f"attempt {job.attempt} failed")
+
+    enq = await queue.enqueue(db, "test.kind", {}, max_attempts=4)
+    base = 0.2
+    worker = make_worker(db_dsn, {"test.kind": always_fails}, retry_base_seconds=base, poll_seconds=0.05)
+    async with running(worker):
+        job = await finished(db, enq.id)
+    assert (job.status, job.attempts, len(starts)) == ("failed", 4, 4)
+    assert job.error is not None and "attempt 4 failed" in job.error
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    print(f"gaps between attempts: {[round(g, 3) for g in gaps]}")
+    # Equal jitter: the wait after failure n is at least half of base * 2^(n-1).
+    for n, gap in enumerate(gaps, start=1):
+        assert gap >= base * 2 ** (n - 1) / 2 - 0.01
+
+
+# ---------------------------------------------------------------------------
+# cancel
+
+
+@pytest.mark.parametrize("heard_from", ["kyrie_job_events", "heartbeat"])
+async def test_a_cancel_stops_the_running_handler_within_a_second(
+    db_dsn: str, db: asyncpg.Connection, heard_from: str
+) -> None:
+    started = asyncio.Event()
+    stopped_at: list[float] = []
+
+    async def long_running(job: JobContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped_at.append(time.monotonic())
+            raise
+
+    enq = await queue.enqueue(db, "test.kind", {})
+    # Through events: heartbeats too rare to matter.  Through heartbeats: no LISTEN at all.
+    options = {"heartbeat_seconds": 30.0, "lease_seconds": 90.0} if heard_from == "kyrie_job_events" else {
+        "listen": False, "heartbeat_seconds": 0.3}
+    worker = make_worker(db_dsn, {"test.kind": long_running}, **options)
+    async with running(worker):
+        await asyncio.wait_for(started.wait(), 30)
+        cancelled_at = time.monotonic()
+        job = await queue.cancel_job(db, enq.id, "user clicked cancel")
+        assert job is not None and job.status == "cancelled"
+        await wait_until(lambda: stopped_at, 10, what="the handler to be cancelled")
+        await wait_until(lambda: worker.in_flight == 0, 10)
+    took = stopped_at[0] - cancelled_at
+    print(f"handler stopped {took * 1000:.0f} ms after the cancel ({heard_from})")
+    assert took < 1.0
+    job = await queue.get_job(db, enq.id)
+    assert job is not None
+    assert (job.status, job.error, job.attempts) == ("cancelled", "user clicked cancel", 1)
+
+
+# ---------------------------------------------------------------------------
+# limits
+
+
+async def test_concurrency_limits_are_never_exceeded(db_dsn: str, db: asyncpg.Connection) -> None:
+    now: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+
+    async def tracked(job: JobContext) -> None:
+        for key in ("all", job.kind):
+            now[key] += 1
+            peak[key] = max(peak[key], now[key])
+        await asyncio.sleep(0.03)
+        for key in ("all", job.kind):
+            now[key] -= 1
+
+    await queue.enqueue_many(db, "test.a", [{}] * 16)
+    await queue.enqueue_many(db, "test.b", [{}] * 16)
+    await queue.enqueue(db, "test.unknown", {})  # no handler here: left alone
+    worker = make_worker(db_dsn, {"test.a": tracked, "test.b": tracked}, concurrency=4,
+                         kind_concurrency={"test.a": 2})
+    await asyncio.wait_for(worker.run_until_drained(), 60)
+    print(f"peak in flight: {dict(peak)}")
+    assert peak["all"] <= 4 and peak["test.a"] <= 2
+    assert peak["all"] >= 2  # it did run jobs side by side
+    stats = {s["kind"]: s for s in await queue.queue_stats(db)}
+    assert stats["test.a"]["completed"] == stats["test.b"]["completed"] == 16
+    assert stats["test.unknown"]["pending"] == 1
+
+
+async def test_a_kind_limit_holds_across_workers(db_dsn: str, db: asyncpg.Connection) -> None:
+    now = 0
+    peak = 0
+
+    async def tracked(job: JobContext) -> None:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.03)
+        now -= 1
+
+    await queue.set_kind_limit(db, "test.limited", 2)
+    await queue.enqueue_many(db, "test.limited", [{}] * 12)
+    workers = [make_worker(db_dsn, {"test.limited": tracked}, concurrency=3, poll_seconds=0.05)
+               for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*(w.run_until_drained() for w in workers)), 60)
+    print(f"peak in flight across 3 workers: {peak}")
+    assert 1 <= peak <= 2
+    # A worker may leave while others hold the kind's slots; the last one leaves nothing due behind.
+    assert await db.fetch("select status, attempts, run_at <= now() as due from public.jobs"
+                          " where status <> 'completed'") == []
+
+
+# ---------------------------------------------------------------------------
+# time
+
+
+async def test_a_scheduled_job_starts_when_due(db_dsn: str, db: asyncpg.Connection) -> None:
+    run_at = await db.fetchval("select now() + interval '1 second'")
+    enq = await queue.enqueue(db, "test.kind", {}, run_at=run_at)
+    async with running(make_worker(db_dsn, {"test.kind": returns})):
+        job = await finished(db, enq.id)
+    assert job.status == "completed"
+    assert job.started_at is not None and job.started_at >= run_at
+
+
+async def test_leases_are_renewed_while_a_handler_runs(db_dsn: str, db: asyncpg.Connection) -> None:
+    runs = 0
+
+    async def longer_than_the_lease(job: JobContext) -> None:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(3)
+
+    enq = await queue.enqueue(db, "test.kind", {})
+    short_lease = {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}
+    first = make_worker(db_dsn, {"test.kind": longer_than_the_lease}, **short_lease)
+    other = make_worker(db_dsn, {"test.kind": longer_than_the_lease}, **short_lease)
+    async with running(first):
+        await wait_until(lambda: runs, 10)
+        async with running(other):  # would take the job over if the lease ran out
+            job = await finished(db, enq.id)
+    assert (job.status, job.attempts, runs) == ("completed", 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# stopping, and lost notifications
+
+
+async def test_stop_hands_back_unfinished_jobs_without_burning_attempts(
+    db_dsn: str, db: asyncpg.Connection
+) -> None:
+    async def slow_or_quick(job: JobContext) -> None:
+        await asyncio.sleep(job.payload["seconds"])
+
+    quick = await queue.enqueue(db, "test.kind", {"seconds": 0.05}, max_attempts=1)
+    slow = await queue.enqueue_many(db, "test.kind", [{"seconds": 60}] * 3, max_attempts=1)
+    worker = make_worker(db_dsn, {"test.kind": slow_or_quick}, shutdown_grace_seconds=0.5)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: db.fetchval("select count(*) = 3 from public.jobs where status = 'running'"), 30)
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+    done = await queue.get_job(db, quick.id)
+    assert done is not None and done.status == "completed"
+    for job_id in slow:
+        job = await queue.get_job(db, job_id)
+        assert job is not None
+        assert (job.status, job.attempts, job.lease_owner) == ("pending", 0, None)
+        assert job.run_at <= dt.datetime.now(dt.UTC)
+
+
+async def test_the_poll_finds_jobs_whose_notification_never_came(db_dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute("alter table public.jobs disable trigger jobs_notify_inserted")
+    async with running(make_worker(db_dsn, {"test.kind": returns}, poll_seconds=0.3)):
+        await asyncio.sleep(0.5)  # the worker is idle, listening
+        async with db.transaction():  # the trigger path, with the trigger off: no notification at all
+            enq = await queue.enqueue(db, "test.kind", {"n": 1})
+        job = await finished(db, enq.id)
+    assert job.status == "completed"
