@@ -1,0 +1,179 @@
+"""`kyrie-engine serve | api | worker`: the long-running processes.
+
+`serve` runs the HTTP API and a worker in one process on one event loop (the
+small deployment: one container beside the Next.js app); `api` and `worker`
+run them apart (scale HTTP and job throughput separately).
+
+Start-up order is the fail-fast contract: settings are validated, and every
+setting the mode needs is present and well-formed, before anything heavy is
+imported, a port is opened or a job is taken; otherwise the process exits 2
+with one line naming the variable.
+
+Shutdown (SIGTERM from the orchestrator, SIGINT from a terminal) is graceful:
+uvicorn stops accepting, lets requests finish (live event streams are told to
+end), the worker stops claiming and finishes or releases what it holds, then
+the process exits 0.  uvicorn installs its own signal handlers while it
+serves; the `_Server` subclass below forwards its exit to the worker, so both
+halves stop together whichever receives the signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from kyrie_engine.settings import Settings, SettingsError, exit_with, load
+
+log = logging.getLogger("kyrie_engine.service")
+
+MODES = ("serve", "api", "worker")
+
+
+def checked_settings(mode: str) -> Settings:
+    """The settings `mode` needs, or SettingsError naming the first that is wrong."""
+    settings = load(Settings)
+    assert isinstance(settings, Settings)
+    if mode in ("serve", "api"):
+        settings.require_internal_secret()
+    if mode in ("serve", "worker"):
+        settings.require_direct_connection()
+        settings.require_model_key()
+    return settings
+
+
+def main(mode: str, argv: list[str]) -> int:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    parser = argparse.ArgumentParser(
+        prog=f"kyrie-engine {mode}",
+        description={
+            "serve": "Run the HTTP API and a worker in one process.",
+            "api": "Run the HTTP API only.",
+            "worker": "Run a worker only.",
+        }[mode],
+        epilog="Configured by the environment: DATABASE_URL, KYRIE_INTERNAL_SECRET, KYRIE_LLM, "
+        "GROQ_API_KEY, KYRIE_HOST, KYRIE_PORT, KYRIE_CONCURRENCY, KYRIE_MAX_BODY_BYTES, ... "
+        "(see docs/http.md).",
+    )
+    parser.parse_args(argv)
+    try:
+        settings = checked_settings(mode)
+    except SettingsError as exc:
+        exit_with(exc)
+
+    from kyrie_engine import logs
+
+    logs.configure(settings.log_level, settings.secrets())
+    try:
+        return asyncio.run(run(mode, settings))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+
+
+def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -> Any:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            on_exit()
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our JSON-lines handler on the root logger (kyrie_engine.logs)
+        access_log=False,  # the request middleware writes a richer access line
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=round(settings.shutdown_grace_seconds),
+    )
+    return _Server(config)
+
+
+async def run(mode: str, settings: Settings) -> int:
+    worker: Any = None
+    server: Any = None
+    if mode in ("serve", "worker"):
+        from kyrie_engine.handlers import default_handlers
+        from kyrie_engine.worker import Worker
+
+        handlers = default_handlers(settings)
+        if not handlers:
+            log.error("no job handlers: kyrie_engine.handlers.default_handlers returned none")
+            return 1
+        worker = Worker(
+            settings.database_url,
+            handlers,
+            concurrency=settings.concurrency,
+            pool_size=settings.pool_size,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            handle_signals=False,  # ours, below: one stop for both halves
+        )
+
+    stopping = asyncio.Event()
+
+    def request_stop() -> None:
+        if not stopping.is_set():
+            log.info("stopping", extra={"mode": mode})
+        stopping.set()
+        if server is not None:
+            server.should_exit = True
+        if worker is not None:
+            worker.stop()
+
+    if mode in ("serve", "api"):
+        from kyrie_engine.api import build_app
+
+        server = _uvicorn_server(build_app(settings, worker=worker), settings, request_stop)
+
+    # uvicorn replaces these while it serves (and forwards to request_stop);
+    # they cover the worker alone, and the moments before and after uvicorn.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop)
+
+    tasks: dict[asyncio.Task[Any], str] = {}
+    if server is not None:
+        tasks[asyncio.create_task(_serve_http(server), name="http")] = "http"
+    if worker is not None:
+        tasks[asyncio.create_task(worker.run(), name="worker")] = "worker"
+    log.info("started", extra={"mode": mode, "host": settings.host, "port": settings.port})
+
+    # Whichever half ends first (a signal, or a crash), the other is stopped too.
+    stop_wait = asyncio.create_task(stopping.wait())
+    await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    request_stop()
+    done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds + 15)
+    stop_wait.cancel()
+    for task in pending:
+        log.error("did not stop in time; cancelling", extra={"part": tasks[task]})
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    failed = False
+    for task in done:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            from kyrie_engine.logs import describe_exception
+
+            log.error("stopped by an error", extra={"part": tasks[task], **describe_exception(exc)})
+            failed = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    log.info("stopped", extra={"mode": mode})
+    return 1 if failed or pending else 0
+
+
+async def _serve_http(server: Any) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits the process when it cannot bind or start up
+        raise RuntimeError(f"the HTTP server could not start (exit {exc.code})") from None
+    if not server.started and not server.should_exit:
+        raise RuntimeError("the HTTP server could not start")
