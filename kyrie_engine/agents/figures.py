@@ -1,0 +1,141 @@
+"""The figures of an analysis, read from the database as the requesting user.
+
+Every read is its own read-only transaction inside `acting_as(conn,
+user_id)`: role `authenticated` with the user's claims, exactly what
+PostgREST does for the app.  So Row Level Security, not this module, decides
+what an analysis can see: the worker's pool connects as the table owner, and
+without `acting_as` it would see every tenant.  The workspace comes from the
+job, never from the model; the functions called are SECURITY INVOKER
+(sql/20261125000006_cfo_figures.sql), so they see what the user sees.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from kyrie_engine.db import acting_as
+
+# A quarter, both ends included, when the request names no period.
+DEFAULT_PERIOD_DAYS = 90
+
+
+class AnalysisRequest(BaseModel):
+    """The payload of a `cfo.analyze` job (what `POST /ai/cfo/analyze` enqueues)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    contract_ids: list[UUID] | None = None
+    period_start: dt.date | None = None
+    period_end: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AnalysisRequest:
+        if self.period_start and self.period_end and self.period_start > self.period_end:
+            raise ValueError("period_start is after period_end")
+        return self
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose books, which contracts, which dates: fixed for the whole job."""
+
+    workspace_id: UUID
+    user_id: UUID
+    period_start: dt.date
+    period_end: dt.date
+    contract_ids: tuple[UUID, ...] | None = None
+
+    @classmethod
+    def of(cls, workspace_id: UUID, user_id: UUID, request: AnalysisRequest, today: dt.date) -> Scope:
+        """Resolve an open period to concrete dates, so the result says exactly what it covers."""
+        end = request.period_end or (
+            request.period_start + dt.timedelta(days=DEFAULT_PERIOD_DAYS - 1)
+            if request.period_start
+            else today
+        )
+        start = request.period_start or end - dt.timedelta(days=DEFAULT_PERIOD_DAYS - 1)
+        ids = tuple(dict.fromkeys(request.contract_ids)) if request.contract_ids is not None else None
+        return cls(workspace_id, user_id, start, end, ids)
+
+    def args(self) -> tuple[Any, ...]:
+        ids = list(self.contract_ids) if self.contract_ids is not None else None
+        return (self.workspace_id, self.period_start, self.period_end, ids)
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy: numbers as JSON numbers, dates as ISO text, ids as text.
+
+    Figures are numeric(…, 2) values well inside a double's 15 exact digits,
+    so the float prints back as the same decimal (the report check compares
+    as Decimal either way).
+    """
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dt.date | UUID):
+        return str(value)
+    return value
+
+
+class FigureReader:
+    """The SQL an analysis runs, each call as the requesting user.
+
+    `sql_seconds` adds up time spent in these reads (pool wait included), the
+    "SQL" share of an analysis's wall time.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, scope: Scope, *, timeout: float = 60.0) -> None:
+        self.pool = pool
+        self.scope = scope
+        self.timeout = timeout
+        self.sql_seconds = 0.0
+        self.queries = 0
+
+    async def _fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as conn, acting_as(conn, self.scope.user_id, readonly=True):
+                rows = await conn.fetch(query, *args, timeout=self.timeout)
+        finally:
+            self.sql_seconds += time.perf_counter() - started
+            self.queries += 1
+        return [dict(r) for r in rows]
+
+    async def can_read_workspace(self) -> bool:
+        """Still a member?  Membership may have ended between the request and the run."""
+        rows = await self._fetch("select kyrie.is_workspace_member($1) as ok", self.scope.workspace_id)
+        return bool(rows and rows[0]["ok"])
+
+    async def contract_figures(self) -> list[dict[str, Any]]:
+        return await self._fetch("select * from kyrie.contract_figures($1, $2, $3, $4)", *self.scope.args())
+
+    async def currency_totals(self) -> list[dict[str, Any]]:
+        return await self._fetch("select * from kyrie.currency_totals($1, $2, $3, $4)", *self.scope.args())
+
+    async def worklog_anomalies(self) -> list[dict[str, Any]]:
+        return await self._fetch("select * from kyrie.worklog_anomalies($1, $2, $3, $4)", *self.scope.args())
+
+    async def worklog_notes(self, contract_id: UUID, limit: int = 20) -> list[dict[str, Any]]:
+        """Latest entries of one contract, if the user can see it and it is in scope (else none)."""
+        if self.scope.contract_ids is not None and contract_id not in self.scope.contract_ids:
+            return []
+        s = self.scope
+        return await self._fetch(
+            "select * from kyrie.worklog_notes($1, $2, $3, $4, $5)",
+            s.workspace_id,
+            contract_id,
+            s.period_start,
+            s.period_end,
+            limit,
+        )

@@ -1,0 +1,243 @@
+"""A CrewAI model backed by the official `groq` SDK (OpenAI-compatible chat completions).
+
+CrewAI's contract for a custom model (`crewai.llms.base_llm.BaseLLM.call`):
+with `tools` given and `available_functions` None (the native tool-calling
+path of `AgentExecutor`), return the provider's tool calls as a list and let
+CrewAI run them and send back `role: "tool"` messages; otherwise return the
+text.  `supports_function_calling()` True is what makes CrewAI take that path
+instead of its ReAct text protocol.
+
+Failures are sorted here, because each needs a different fate:
+- 5xx, timeouts, lost connections, and Groq's `tool_use_failed` (the model
+  produced a tool call its server could not parse): retried in the call,
+  with backoff, `server_retries` times; then `ModelUnavailable` (the job's
+  attempt fails and the queue retries it later).
+- 429: `ModelRateLimited(retry_after)` at once, which the handler turns into
+  `RetryLater` so the job is rescheduled after the advised delay without
+  burning an attempt (and no worker thread sleeps through it).  The SDK's own
+  retries are off (`max_retries=0`): they would retry 429s by sleeping.
+- other 4xx (bad key, unknown model): `ModelRefused`, a permanent failure.
+
+Token usage is added up on the instance (`get_token_usage_summary()`), and
+the handler records it on the job.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import threading
+import time
+from typing import Any
+
+import groq
+import httpx
+from crewai.llms.base_llm import BaseLLM
+from pydantic import PrivateAttr
+
+from kyrie_engine.agents.errors import AnalysisStopped, ModelRateLimited, ModelRefused, ModelUnavailable
+
+DEFAULT_MODEL = "llama-3.3-70b-versatile"
+# Groq's context window for llama-3.3-70b-versatile; CrewAI compacts the
+# conversation when a request would pass 85% of what this returns.
+CONTEXT_WINDOW = 131_072
+DEFAULT_RETRY_AFTER = 30.0
+
+
+def retry_after_seconds(response: httpx.Response | None) -> float:
+    """Groq's advice: `retry-after-ms`, `retry-after` (seconds or an HTTP date), else a default."""
+    headers = response.headers if response is not None else httpx.Headers()
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        if "retry-after" in headers:
+            value = headers["retry-after"]
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+                return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return DEFAULT_RETRY_AFTER
+
+
+def _wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CrewAI's messages as the chat-completions API takes them (only the keys it knows)."""
+    wire = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # content blocks: keep the text
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        out: dict[str, Any] = {"role": m["role"], "content": content}
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            out["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                }
+                for c in m["tool_calls"]
+            ]
+        if m["role"] == "tool":
+            out["tool_call_id"] = m["tool_call_id"]
+            out["content"] = "" if content is None else str(content)
+        wire.append(out)
+    return wire
+
+
+class GroqLLM(BaseLLM):
+    """Groq chat completions for CrewAI; see the module docstring for the failure rules."""
+
+    llm_type: str = "groq"
+    provider: str = "groq"
+    timeout: float = 60.0
+    server_retries: int = 2
+    backoff_seconds: float = 1.0
+    max_completion_tokens: int = 4096
+
+    _client: groq.Groq | None = PrivateAttr(default=None)
+    _stop: threading.Event | None = PrivateAttr(default=None)
+    _model_seconds: float = PrivateAttr(default=0.0)
+
+    def bind_stop(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    @property
+    def model_seconds(self) -> float:
+        """Time spent waiting for Groq (retries and backoff included)."""
+        return self._model_seconds
+
+    def _groq(self) -> groq.Groq:
+        if self._client is None:
+            self._client = groq.Groq(
+                api_key=self.api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
+            )
+        return self._client
+
+    # -- what CrewAI asks of a model ------------------------------------------
+
+    def supports_function_calling(self) -> bool:
+        return True
+
+    def supports_stop_words(self) -> bool:
+        return False
+
+    def get_context_window_size(self) -> int:
+        return int(CONTEXT_WINDOW * 0.85)
+
+    def get_input_tokens_count(self, messages: Any, tools: Any = None, response_model: Any = None) -> int:
+        text = (
+            messages if isinstance(messages, str) else "".join(str(m.get("content") or "") for m in messages)
+        )
+        return (len(text) + 3) // 4
+
+    def call(
+        self,
+        messages: Any,
+        tools: list[dict[str, Any]] | None = None,
+        callbacks: list[Any] | None = None,
+        available_functions: dict[str, Any] | None = None,
+        from_task: Any = None,
+        from_agent: Any = None,
+        response_model: Any = None,
+    ) -> str | list[dict[str, Any]]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        params: dict[str, Any] = {
+            "model": self.model,
+            "messages": _wire_messages(messages),
+            "temperature": 0.0 if self.temperature is None else self.temperature,
+            "max_completion_tokens": self.max_completion_tokens,
+        }
+        if tools:
+            params["tools"] = tools
+            params["tool_choice"] = "auto"
+        completion = self._complete(params)
+
+        usage = completion.usage
+        if usage is not None:
+            self._track_token_usage_internal(
+                {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.total_tokens,
+                }
+            )
+        message = completion.choices[0].message
+        calls = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in message.tool_calls or []
+        ]
+        if calls and not available_functions:
+            return calls
+        if calls and available_functions:  # a caller that wants the tool run here (not the agent loop)
+            first = calls[0]["function"]
+            try:
+                args = json.loads(first["arguments"] or "{}")
+            except json.JSONDecodeError:
+                args = {}
+            result = self._handle_tool_execution(
+                first["name"], args, available_functions, from_task, from_agent
+            )
+            if result is not None:
+                return result
+        return message.content or ""
+
+    # -- one request, with the retries it deserves ------------------------------
+
+    def _complete(self, params: dict[str, Any]) -> Any:
+        tries = 0
+        while True:
+            if self._stop is not None and self._stop.is_set():
+                raise AnalysisStopped("the job was cancelled or lost")
+            tries += 1
+            started = time.perf_counter()
+            limited: float | None = None
+            failure: str | None = None
+            try:
+                return self._groq().chat.completions.create(**params)
+            except groq.RateLimitError as exc:
+                limited = retry_after_seconds(exc.response)
+            except groq.APIStatusError as exc:
+                if exc.status_code >= 500 or exc.status_code == 408 or _tool_use_failed(exc):
+                    failure = f"HTTP {exc.status_code}: {_provider_message(exc)}"
+                else:
+                    refused = f"Groq refused the request (HTTP {exc.status_code}): {_provider_message(exc)}"
+                    raise ModelRefused(refused) from None
+            except groq.APITimeoutError:
+                failure = f"no answer within {self.timeout:g}s"
+            except groq.APIConnectionError as exc:
+                failure = f"connection failed ({exc.__cause__ or exc})"
+            finally:
+                self._model_seconds += time.perf_counter() - started
+            # Raised here, outside the except blocks, so that nothing is
+            # chained to it that CrewAI's own rate-limit retry would recognise.
+            if limited is not None:
+                raise ModelRateLimited(limited)
+            if tries > self.server_retries:
+                raise ModelUnavailable(f"Groq failed {tries} times in a row; last: {failure}")
+            delay = self.backoff_seconds * 2 ** (tries - 1)
+            time.sleep(delay / 2 + random.random() * delay / 2)  # noqa: S311 (jitter, not crypto)
+
+
+def _provider_message(exc: groq.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:500]
+    return str(exc.message)[:500]
+
+
+def _tool_use_failed(exc: groq.APIStatusError) -> bool:
+    """Groq answers 400 `tool_use_failed` when the model wrote a tool call it could not parse:
+    a flaw of that one generation, so asking again is the cure."""
+    body = exc.body
+    error = body.get("error", body) if isinstance(body, dict) else None
+    return exc.status_code == 400 and isinstance(error, dict) and error.get("code") == "tool_use_failed"
