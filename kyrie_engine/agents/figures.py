@@ -91,8 +91,10 @@ def plain(value: Any) -> Any:
 class FigureReader:
     """The SQL an analysis runs, each call as the requesting user.
 
-    `sql_seconds` adds up time spent in these reads (pool wait included), the
-    "SQL" share of an analysis's wall time.
+    `sql_seconds` is the wall time during which at least one of these reads
+    was in flight (pool wait included): CrewAI runs a turn's tool calls in
+    parallel, so a plain sum of their durations would count overlapping
+    time twice and could exceed the analysis's own wall time.
     """
 
     def __init__(self, pool: asyncpg.Pool, scope: Scope, *, timeout: float = 60.0) -> None:
@@ -101,14 +103,21 @@ class FigureReader:
         self.timeout = timeout
         self.sql_seconds = 0.0
         self.queries = 0
+        self._in_flight = 0
+        self._busy_since = 0.0
 
     async def _fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
-        started = time.perf_counter()
+        # All reads run on the event loop, so this bookkeeping needs no lock.
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
         try:
             async with self.pool.acquire() as conn, acting_as(conn, self.scope.user_id, readonly=True):
                 rows = await conn.fetch(query, *args, timeout=self.timeout)
         finally:
-            self.sql_seconds += time.perf_counter() - started
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.sql_seconds += time.perf_counter() - self._busy_since
             self.queries += 1
         return [dict(r) for r in rows]
 
