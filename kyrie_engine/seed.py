@@ -144,9 +144,22 @@ _STUDIO: tuple[_Contract, ...] = (
 
 
 async def _user(conn: asyncpg.Connection, email: str) -> UUID:
+    """The user with this email, created if missing.
+
+    Written without ON CONFLICT (email): Supabase's auth.users has only a
+    partial unique index on email, which ON CONFLICT cannot name, and no
+    default for id (GoTrue assigns it), so the demo also seeds a real project.
+    """
     return await conn.fetchval(
-        "insert into auth.users (email) values ($1) on conflict (email) do update set email = excluded.email"
-        " returning id",
+        """
+        with existing as (select id from auth.users where email = $1 limit 1),
+             created as (
+               insert into auth.users (id, email)
+               select gen_random_uuid(), $1 where not exists (select from existing)
+               returning id
+             )
+        select id from existing union all select id from created
+        """,
         email,
     )
 
