@@ -18,7 +18,9 @@
 --
 -- Decisions where the product note is silent:
 --   * any member may rename a workspace (the note: "View/Edit if created_by =
---     auth.uid() OR exists in members"); only its creator deletes it;
+--     auth.uid() OR exists in members"); only its creator deletes it, while
+--     still an owner (see the workspaces policies for why created_by alone
+--     is not enough);
 --   * owners and admins manage members; only an owner grants or takes away
 --     the owner role; a workspace keeps at least one owner; anybody but an
 --     owner may leave on their own;
@@ -54,8 +56,24 @@ as $$
     and m.role = 'owner'
 $$;
 
-revoke execute on function kyrie.my_admin_workspace_ids(), kyrie.my_owner_workspace_ids() from public, anon;
-grant execute on function kyrie.my_admin_workspace_ids(), kyrie.my_owner_workspace_ids()
+-- True while a workspace has no member yet: only inside the INSERT that
+-- creates it, before its after-insert trigger adds the creator as owner.
+-- COST 1000 makes the planner test the cheap `created_by` comparison first.
+create or replace function kyrie.workspace_is_new(p_workspace_id uuid) returns boolean
+language sql
+stable
+security definer
+cost 1000
+set search_path = ''
+as $$
+  select not exists (select from public.workspace_members m where m.workspace_id = p_workspace_id)
+$$;
+
+revoke execute on function
+  kyrie.my_admin_workspace_ids(), kyrie.my_owner_workspace_ids(), kyrie.workspace_is_new(uuid)
+  from public, anon;
+grant execute on function
+  kyrie.my_admin_workspace_ids(), kyrie.my_owner_workspace_ids(), kyrie.workspace_is_new(uuid)
   to authenticated, service_role;
 
 -- A workspace keeps at least one owner.  A trigger rather than a policy: the
@@ -132,9 +150,20 @@ grant update (contract_id, work_date, hours, description, billable, invoiced)
 -- ---------------------------------------------------------------------------
 -- workspaces
 
+-- The product note says "created_by = auth.uid() OR member".  Taken
+-- literally, created_by would be a key that never expires: a creator who
+-- handed the workspace over and was then removed by the new owner could still
+-- read, rename and delete it.  So the creator's own branch holds only while
+-- the workspace has no member at all, which is exactly the moment
+-- `insert ... returning` (supabase.from('workspaces').insert().select())
+-- needs it: RETURNING is checked against this policy before the after-insert
+-- trigger has made the creator an owner.  After that, membership decides.
 create policy workspaces_select on public.workspaces
   for select to authenticated
-  using (created_by = (select auth.uid()) or id in (select kyrie.my_workspace_ids()));
+  using (
+    id in (select kyrie.my_workspace_ids())
+    or (created_by = (select auth.uid()) and kyrie.workspace_is_new(id))
+  );
 
 -- Nobody creates a workspace in somebody else's name.
 create policy workspaces_insert on public.workspaces
@@ -143,12 +172,13 @@ create policy workspaces_insert on public.workspaces
 
 create policy workspaces_update on public.workspaces
   for update to authenticated
-  using (created_by = (select auth.uid()) or id in (select kyrie.my_workspace_ids()))
-  with check (created_by = (select auth.uid()) or id in (select kyrie.my_workspace_ids()));
+  using (id in (select kyrie.my_workspace_ids()))
+  with check (id in (select kyrie.my_workspace_ids()));
 
+-- Only the creator deletes, and only while still an owner of it.
 create policy workspaces_delete on public.workspaces
   for delete to authenticated
-  using (created_by = (select auth.uid()));
+  using (created_by = (select auth.uid()) and id in (select kyrie.my_owner_workspace_ids()));
 
 -- ---------------------------------------------------------------------------
 -- workspace_members (reads of this table inside policies go through the
