@@ -206,9 +206,12 @@ class GroqLLM(BaseLLM):
                 limited = retry_after_seconds(exc.response)
             except groq.APIStatusError as exc:
                 if exc.status_code >= 500 or exc.status_code == 408 or _tool_use_failed(exc):
-                    failure = f"HTTP {exc.status_code}: {_provider_message(exc)}"
+                    failure = f"HTTP {exc.status_code}: {_provider_message(exc, self.api_key)}"
                 else:
-                    refused = f"Groq refused the request (HTTP {exc.status_code}): {_provider_message(exc)}"
+                    refused = (
+                        f"Groq refused the request (HTTP {exc.status_code}): "
+                        f"{_provider_message(exc, self.api_key)}"
+                    )
                     raise ModelRefused(refused) from None
             except groq.APITimeoutError:
                 failure = f"no answer within {self.timeout:g}s"
@@ -226,13 +229,18 @@ class GroqLLM(BaseLLM):
             time.sleep(delay / 2 + random.random() * delay / 2)  # noqa: S311 (jitter, not crypto)
 
 
-def _provider_message(exc: groq.APIStatusError) -> str:
+def _provider_message(exc: groq.APIStatusError, api_key: str | None) -> str:
+    """The provider's own words, for jobs.error.  Groq never echoes the key,
+    but an OpenAI-compatible server at GROQ_BASE_URL might: mask it anyway."""
     body = exc.body
+    text = str(exc.message)
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:500]
-    return str(exc.message)[:500]
+            text = str(error["message"])
+    if api_key:
+        text = text.replace(api_key, "***")
+    return text[:500]
 
 
 def _tool_use_failed(exc: groq.APIStatusError) -> bool:
