@@ -73,7 +73,8 @@ create or replace function kyrie.contract_figures(
   unbilled_hours          numeric,  -- billable, not invoiced, to date
   unbilled_value          numeric,
   burn_rate_hours_per_week numeric, -- hours in the period / weeks the contract was active in it
-  budget_exhausted_on     date      -- when over budget: the day it ran out; else projected at the burn rate
+  budget_exhausted_on     date      -- when over budget: the day it ran out; else projected at the burn
+                                    -- rate (null when the contract ends first)
 )
 language sql
 stable
@@ -169,8 +170,12 @@ as $$
          case when f.active_days > 0 then round(f.hours_period * 7 / f.active_days, 2) end,
          case when f.budget_hours is null then null
               when f.hours_to_date >= f.budget_hours then e.work_date
+              -- Remaining hours at the period's average daily burn, from its last day;
+              -- none when that falls after the contract's end (it ends first).
               when f.hours_period > 0 and f.active_days > 0
-                -- Remaining hours at the period's average daily burn, from its last day.
+                   and (f.end_date is null
+                        or p.last_day + ceil((f.budget_hours - f.hours_to_date) * f.active_days
+                                             / f.hours_period)::int <= f.end_date)
                 then p.last_day + ceil((f.budget_hours - f.hours_to_date) * f.active_days / f.hours_period)::int
          end
   from figures f
@@ -216,8 +221,10 @@ as $$
   order by f.currency
 $$;
 
+-- Hours count every contract; values only those that have one (a fixed fee
+-- without budget hours has no hourly rate), so hours x rate need not match.
 comment on function kyrie.currency_totals(uuid, date, date, uuid[]) is
-  'kyrie.contract_figures summed per currency, as the caller (RLS applies).';
+  'kyrie.contract_figures summed per currency, as the caller (RLS applies). Values skip contracts without a rate.';
 
 -- ---------------------------------------------------------------------------
 -- Worklog anomalies in the period, summarised (never one row per worklog:

@@ -108,6 +108,19 @@ def _ask(
     return crew.run(run.llm, ToolRuntime(reader, loop, run.ledger, stop), feedback)
 
 
+NOT_VISIBLE = "<not visible>"
+
+
+def _visible_arguments(arguments: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
+    """The model's tool arguments as the result records them.  A contract id
+    the tools did not return came from untrusted text (a worklog naming
+    another tenant's contract, say): it read nothing, and it is not echoed."""
+    contract_id = arguments.get("contract_id")
+    if contract_id is None or any(str(known) == str(contract_id) for known in ledger.contracts):
+        return arguments
+    return {**arguments, "contract_id": NOT_VISIBLE}
+
+
 class CFOAnalysis:
     """The handler (an async callable the worker awaits)."""
 
@@ -242,7 +255,10 @@ class CFOAnalysis:
                 ],
                 "model": self.model_name,
                 "questions": run.questions,
-                "tool_calls": [{"tool": t, "arguments": args, "rows": n} for t, args, n in ledger.called],
+                "tool_calls": [
+                    {"tool": t, "arguments": _visible_arguments(args, ledger), "rows": n}
+                    for t, args, n in ledger.called
+                ],
                 "timings_ms": {
                     "wall": round(wall * 1000, 1),
                     "sql": round(reader.sql_seconds * 1000, 1),

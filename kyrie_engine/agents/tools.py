@@ -100,7 +100,9 @@ class CurrencyTotalsTool(_ReadTool):
     name: str = "currency_totals"
     description: str = (
         "Totals of the contract figures per currency (amounts in different currencies are never added "
-        "together): contracts, hours logged, billable hours and value, unbilled hours and value."
+        "together): contracts, hours logged, billable hours and value, unbilled hours and value. "
+        "Values leave out fixed-fee contracts without budget hours (they have no hourly rate), "
+        "while hours include them."
     )
     args_schema: type[BaseModel] = _NoArguments
 
