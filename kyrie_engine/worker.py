@@ -87,6 +87,10 @@ class LeaseLost(Exception):
     """This attempt no longer holds its job: it was cancelled or taken over."""
 
 
+FLUSH_WRITERS = 3  # outcome batches written at once (each on its own connection)
+FLUSH_BATCH = 250  # outcomes per statement
+
+
 @dataclass
 class JobContext:
     """What a handler sees of its job."""
@@ -211,7 +215,7 @@ class Worker:
         self._held: dict[UUID, int] = {}  # job id -> attempt, until its outcome is written
         self._outcomes: list[tuple[UUID, int, Outcome]] = []
         self._outcome_ready: asyncio.Event | None = None
-        self._flushing = False
+        self._flushing = 0  # outcome batches being written
         self._kick: asyncio.Event | None = None
         self._stopping = False
         self._stop_requested = 0
@@ -255,7 +259,7 @@ class Worker:
         # min_size=0: nothing connects here, so a server that is down (or
         # restarting) at start is handled like one that goes down later.
         self._own_pool = await asyncpg.create_pool(
-            driver_dsn(self.dsn), min_size=0, max_size=4, reset=_session_unchanged,
+            driver_dsn(self.dsn), min_size=0, max_size=2 + FLUSH_WRITERS, reset=_session_unchanged,
             server_settings={"application_name": f"kyrie-worker:{self.worker_id}"}, **kwargs,
         )
         if self._handler_pool is None:
@@ -489,18 +493,41 @@ class Worker:
     # -- write outcomes -----------------------------------------------------
 
     async def _flush_loop(self) -> None:
+        """Write outcomes in batches, up to FLUSH_WRITERS at once.
+
+        One writer at a time made the commit of each batch (WAL flush, the
+        batch's job-event notifications) the ceiling of a busy worker: the
+        handlers had finished long before.  Batches are disjoint (one outcome
+        per attempt), so concurrent writers never touch the same row."""
         assert self._outcome_ready is not None
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            while self._outcomes:
-                batch, self._outcomes = self._outcomes[:1000], self._outcomes[1000:]
-                self._flushing = True
-                try:
-                    await self._write(batch)
-                finally:
-                    self._flushing = False
-            self._wake()
+        slots = asyncio.Semaphore(FLUSH_WRITERS)
+        writers: set[asyncio.Task[None]] = set()
+
+        async def write(batch: list[tuple[UUID, int, Outcome]]) -> None:
+            try:
+                await self._write(batch)
+            finally:
+                self._flushing -= 1
+                slots.release()
+                self._wake()
+
+        try:
+            while True:
+                await self._outcome_ready.wait()
+                self._outcome_ready.clear()
+                while self._outcomes:
+                    await slots.acquire()
+                    batch, self._outcomes = self._outcomes[:FLUSH_BATCH], self._outcomes[FLUSH_BATCH:]
+                    if not batch:  # taken by another writer's wake-up meanwhile
+                        slots.release()
+                        break
+                    self._flushing += 1
+                    task = asyncio.create_task(write(batch))
+                    writers.add(task)
+                    task.add_done_callback(writers.discard)
+        finally:
+            for task in writers:
+                task.cancel()
 
     async def _write(self, batch: list[tuple[UUID, int, Outcome]]) -> None:
         """Write a batch of outcomes, retrying transient errors.  Every call is
