@@ -183,8 +183,9 @@ def _report(result: dict[str, Any], actions: list[asyncpg.Record]) -> None:
         [[a["type"], a["title"], a["status"], a["original_job_id"]] for a in actions],
     ))
     timings = result.get("timings_ms") or {}
-    _say(f"\ntimings: wall {timings.get('wall')} ms, SQL {timings.get('sql')} ms, "
-         f"agent loop {timings.get('agent')} ms; questions asked: {result.get('questions')}")
+    _say(f"\ntimings: wall {timings.get('wall')} ms (a process's first job also imports CrewAI), "
+         f"SQL {timings.get('sql')} ms, agent loop {timings.get('agent')} ms; "
+         f"questions asked: {result.get('questions')}")
 
 
 async def _demo(llm: str) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib
 import threading
 import time
 import uuid
@@ -203,6 +204,9 @@ class CFOAnalysis:
         """Ask, check, ask again with the reason; the last reason is the job's error."""
         feedback: str | None = None
         loop = asyncio.get_running_loop()
+        # CrewAI takes seconds to import, once per process: in the job's wall
+        # time the first time, but not counted as the agent loop's.
+        await asyncio.to_thread(importlib.import_module, "kyrie_engine.agents.crew")
         for question in range(1, self.report_attempts + 1):
             step = (
                 "analysing"
