@@ -367,10 +367,22 @@ async def fail_job(
     return None if row is None else row["status"]
 
 
-async def retry_later(executor: Executor, id: UUID, owner: str, attempt: int, delay_seconds: float) -> bool:
-    return bool(await executor.fetchval(
-        "select kyrie.retry_later($1, $2, $3, $4)", id, owner, attempt, delay_seconds
-    ))
+async def retry_later(
+    executor: Executor,
+    id: UUID,
+    owner: str,
+    attempt: int,
+    delay_seconds: float,
+    reason: str | None = None,
+    max_deferrals: int = 100,
+) -> Status | None:
+    """Back to pending after `delay_seconds`, the attempt given back; 'failed' once the job
+    has been deferred `max_deferrals` times; None when the attempt no longer holds the job."""
+    status: Status | None = await executor.fetchval(
+        "select kyrie.retry_later($1, $2, $3, $4, $5, $6)",
+        id, owner, attempt, delay_seconds, reason, max_deferrals,
+    )
+    return status
 
 
 async def release_jobs(executor: Executor, owner: str, held: Mapping[UUID, int]) -> set[UUID]:

@@ -130,7 +130,7 @@ Handler: TypeAlias = Callable[[JobContext], Awaitable[Any] | Any]
 Outcome: TypeAlias = (
     tuple[Literal["complete"], Any]
     | tuple[Literal["fail"], str, bool]  # error, retry
-    | tuple[Literal["later"], float]  # delay
+    | tuple[Literal["later"], float, str]  # delay, reason
     | tuple[Literal["release"]]  # hand back, attempt not counted
     | tuple[Literal["forget"]]  # nothing to write: cancelled or taken over
 )
@@ -161,7 +161,9 @@ class Worker:
     Concurrency is `concurrency` handlers at once in this process, at most
     `kind_concurrency[kind]` of a kind; `kyrie.job_kind_limits` caps a kind
     across all workers.  A handler taking longer than `timeouts[kind]` (else
-    `default_timeout`) is cancelled and its attempt fails.
+    `default_timeout`) is cancelled and its attempt fails.  A handler raising
+    RetryLater is rescheduled without using an attempt, at most
+    `max_deferrals` times; then its job fails with the last reason.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class Worker:
         shutdown_grace_seconds: float = 10.0,
         retry_base_seconds: float = 2.0,
         retry_cap_seconds: float = 3600.0,
+        max_deferrals: int = 100,
         pool: asyncpg.Pool | None = None,
         pool_size: int = 10,
         worker_id: str | None = None,
@@ -201,6 +204,7 @@ class Worker:
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
+        self.max_deferrals = max_deferrals
         self.pool_size = pool_size
         self.worker_id = worker_id or _default_worker_id()
         self.handle_signals = handle_signals
@@ -446,7 +450,7 @@ class Worker:
                 result = await self._call(self.handlers[ctx.kind], ctx)
             outcome = ("complete", result)
         except RetryLater as exc:
-            outcome = ("later", exc.delay_seconds)
+            outcome = ("later", exc.delay_seconds, str(exc))
         except PermanentFailure as exc:
             outcome = ("fail", _describe(exc), False)
         except LeaseLost:
@@ -566,8 +570,10 @@ class Worker:
                 )
                 self.stats["failed" if status == "failed" else "retried"] += status is not None
             elif o[0] == "later":
-                later = await queue.retry_later(pool, job_id, self.worker_id, attempt, o[1])
-                self.stats["rescheduled"] += later
+                status = await queue.retry_later(
+                    pool, job_id, self.worker_id, attempt, o[1], o[2], self.max_deferrals
+                )
+                self.stats["rescheduled" if status == "pending" else "failed"] += status is not None
 
     # -- leases -------------------------------------------------------------
 

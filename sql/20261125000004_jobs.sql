@@ -35,6 +35,9 @@ create table public.jobs (
   -- release_jobs give it back.
   attempts         int not null default 0 check (attempts >= 0),
   max_attempts     int not null default 5 check (max_attempts between 1 and 1000),
+  -- Times the job was sent back by retry_later (a rate limit): no attempt
+  -- used, but capped there, so no job is deferred forever.
+  deferrals        int not null default 0 check (deferrals >= 0),
   lease_owner      text,
   lease_expires_at timestamptz,
   idempotency_key  text check (length(idempotency_key) between 1 and 200),
@@ -494,24 +497,36 @@ $$;
 
 -- The handler asked to run again later (a rate limit, a dependency not
 -- ready): back to pending at now + delay, and the attempt does not count.
+-- Deferrals are counted and capped: a job whose provider never stops saying
+-- "later" (a revoked quota) fails after p_max_deferrals, with the reason,
+-- instead of circling forever without ever using an attempt.  Returns the
+-- job's new status ('pending' or 'failed'), or null when this attempt no
+-- longer holds the job.  (In SET, j.* are the row's values before the update.)
 create or replace function kyrie.retry_later(
   p_id            uuid,
   p_owner         text,
   p_attempt       int,
-  p_delay_seconds double precision
-) returns boolean
+  p_delay_seconds double precision,
+  p_reason        text default null,
+  p_max_deferrals int default 100
+) returns text
 language sql
 set search_path = ''
 as $$
-  with done as (
-    update public.jobs j
-    set status = 'pending', attempts = j.attempts - 1,
-        run_at = now() + make_interval(secs => greatest(p_delay_seconds, 0)),
-        lease_owner = null, lease_expires_at = null, updated_at = now()
-    where j.id = p_id and j.lease_owner = p_owner and j.attempts = p_attempt
-    returning 1
-  )
-  select exists (select from done)
+  update public.jobs j
+  set deferrals = j.deferrals + 1,
+      status = case when j.deferrals < p_max_deferrals then 'pending' else 'failed' end,
+      attempts = case when j.deferrals < p_max_deferrals then j.attempts - 1 else j.attempts end,
+      run_at = case when j.deferrals < p_max_deferrals
+                    then now() + make_interval(secs => greatest(p_delay_seconds, 0))
+                    else j.run_at end,
+      error = case when j.deferrals < p_max_deferrals then j.error
+                   else format('deferred %s times without finishing; the last reason: %s',
+                               j.deferrals + 1, coalesce(p_reason, 'the handler asked to retry later')) end,
+      finished_at = case when j.deferrals < p_max_deferrals then null else now() end,
+      lease_owner = null, lease_expires_at = null, updated_at = now()
+  where j.id = p_id and j.lease_owner = p_owner and j.attempts = p_attempt
+  returning j.status
 $$;
 
 -- A stopping worker hands back what it could not finish: pending, due now,
@@ -595,6 +610,7 @@ begin
   update public.jobs j
   set status = 'pending',
       attempts = case when j.status = 'pending' then j.attempts else 0 end,
+      deferrals = case when j.status = 'pending' then j.deferrals else 0 end,
       run_at = now(), finished_at = null, result = null,
       updated_at = now()
   where j.id = p_id and j.status in ('failed', 'cancelled', 'pending')
@@ -670,7 +686,7 @@ revoke execute on function
   kyrie.complete_jobs(text, uuid[], int[], jsonb[]),
   kyrie.retry_delay(int, double precision, double precision),
   kyrie.fail_job(uuid, text, int, text, boolean, double precision, double precision),
-  kyrie.retry_later(uuid, text, int, double precision),
+  kyrie.retry_later(uuid, text, int, double precision, text, int),
   kyrie.release_jobs(text, uuid[], int[]),
   kyrie.reclaim_expired_leases(),
   kyrie.cancel_job(uuid, text),

@@ -191,6 +191,26 @@ async def test_retry_later_and_release_give_the_attempt_back(db: asyncpg.Connect
     assert (row["wait"] > dt.timedelta(seconds=50)) is (how == "retry_later")
 
 
+async def test_deferrals_are_capped_and_reset_by_an_operator_retry(db: asyncpg.Connection) -> None:
+    """RetryLater uses no attempt, so without a cap a job could be deferred forever."""
+    enq = await queue.enqueue(db, "test.kind", {}, max_attempts=1)
+    for expected in ("pending", "pending", "failed"):
+        [job] = await claim(db, {"test.kind": 1})
+        status = await queue.retry_later(db, job.id, OWNER, job.attempt, 0, "HTTP 429", max_deferrals=2)
+        assert status == expected
+    row = await db.fetchrow(
+        "select status, attempts, deferrals, error from public.jobs where id = $1", enq.id
+    )
+    assert (row["status"], row["attempts"], row["deferrals"]) == ("failed", 1, 3)
+    assert row["error"] == "deferred 3 times without finishing; the last reason: HTTP 429"
+    # Not held any more: nothing changes.
+    assert await queue.retry_later(db, job.id, OWNER, job.attempt, 0) is None
+
+    await db.fetch("select * from kyrie.retry_job($1)", enq.id)
+    row = await db.fetchrow("select status, attempts, deferrals from public.jobs where id = $1", enq.id)
+    assert (row["status"], row["attempts"], row["deferrals"]) == ("pending", 0, 0)
+
+
 @pytest.mark.parametrize(("max_attempts", "after"), [(2, "pending"), (1, "failed")])
 async def test_expired_leases_are_reclaimed(db: asyncpg.Connection, max_attempts: int, after: str) -> None:
     enq = await queue.enqueue(db, "test.kind", {}, max_attempts=max_attempts)
