@@ -301,15 +301,22 @@ async def claim_jobs(
     ]
 
 
+def _in_id_order(held: Iterable[tuple[UUID, int]]) -> tuple[list[UUID], list[int]]:
+    """Batch statements lock their rows in array order; one order for all of
+    them (the heartbeat and a flush run at once) means they cannot deadlock."""
+    pairs = sorted(held)
+    return [id for id, _ in pairs], [attempt for _, attempt in pairs]
+
+
 async def heartbeat_jobs(
     executor: Executor, owner: str, held: Mapping[UUID, int], lease_seconds: float
 ) -> set[UUID]:
     """Extend the leases of `held` (id -> attempt); returns the ids still held."""
     if not held:
         return set()
+    ids, attempts = _in_id_order(held.items())
     rows = await executor.fetch(
-        "select id from kyrie.heartbeat_jobs($1, $2, $3, $4) as id",
-        owner, list(held), list(held.values()), lease_seconds,
+        "select id from kyrie.heartbeat_jobs($1, $2, $3, $4) as id", owner, ids, attempts, lease_seconds
     )
     return {r["id"] for r in rows}
 
@@ -334,7 +341,7 @@ async def complete_job(
 async def complete_jobs(executor: Executor, owner: str, done: Iterable[tuple[UUID, int, Any]]) -> set[UUID]:
     """Complete many attempts (id, attempt, result) in one statement; returns those completed."""
     ids, attempts, results = [], [], []
-    for id, attempt, result in done:
+    for id, attempt, result in sorted(done, key=lambda d: d[0]):
         ids.append(id)
         attempts.append(attempt)
         results.append(to_json(result))
@@ -389,9 +396,8 @@ async def release_jobs(executor: Executor, owner: str, held: Mapping[UUID, int])
     """Hand attempts back (pending, due now, attempt not counted); returns those released."""
     if not held:
         return set()
-    rows = await executor.fetch(
-        "select id from kyrie.release_jobs($1, $2, $3) as id", owner, list(held), list(held.values())
-    )
+    ids, attempts = _in_id_order(held.items())
+    rows = await executor.fetch("select id from kyrie.release_jobs($1, $2, $3) as id", owner, ids, attempts)
     return {r["id"] for r in rows}
 
 

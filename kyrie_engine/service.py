@@ -119,8 +119,12 @@ async def run(mode: str, settings: Settings) -> int:
     stopping = asyncio.Event()
 
     def request_stop() -> None:
-        if not stopping.is_set():
-            log.info("stopping", extra={"mode": mode})
+        # Once only: Worker.stop() counts its calls, and a second one skips
+        # the grace period (it is how an impatient operator forces a stop).
+        # This runs for the signal and again when the first half has ended.
+        if stopping.is_set():
+            return
+        log.info("stopping", extra={"mode": mode})
         stopping.set()
         if server is not None:
             server.should_exit = True
@@ -149,7 +153,7 @@ async def run(mode: str, settings: Settings) -> int:
     stop_wait = asyncio.create_task(stopping.wait())
     await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     request_stop()
-    done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds + 15)
+    done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds + 30)
     stop_wait.cancel()
     for task in pending:
         log.error("did not stop in time; cancelling", extra={"part": tasks[task]})

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import signal
 import socket
@@ -150,7 +151,8 @@ def _default_worker_id() -> str:
 def _describe(exc: BaseException) -> str:
     """The error operators read in `jobs.error`: the exception, then where it came from."""
     tail = "".join(traceback.format_exception(exc)[-6:])
-    return f"{type(exc).__name__}: {exc}\n\n{tail}"[:8000]
+    # NUL is the one character a Postgres text column refuses.
+    return f"{type(exc).__name__}: {exc}\n\n{tail}"[:8000].replace("\x00", "\\0")
 
 
 class Worker:
@@ -448,20 +450,30 @@ class Worker:
         try:
             async with asyncio.timeout(limit) as deadline:
                 result = await self._call(self.handlers[ctx.kind], ctx)
+            queue.to_json(result)  # an unencodable result fails here, not in the flush
             outcome = ("complete", result)
         except RetryLater as exc:
-            outcome = ("later", exc.delay_seconds, str(exc))
+            # Bounded like a backoff: run_at must stay a timestamp Postgres can hold.
+            delay = exc.delay_seconds if math.isfinite(exc.delay_seconds) else self.retry_cap_seconds
+            delay = min(max(delay, 0.0), self.retry_cap_seconds)
+            outcome = ("later", delay, str(exc))
         except PermanentFailure as exc:
             outcome = ("fail", _describe(exc), False)
         except LeaseLost:
             outcome = ("forget",)
-        except asyncio.CancelledError:
-            if entry.stop_reason is None:
-                raise  # not ours: the loop itself is going away
+        except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            outcome = ("release",) if entry.stop_reason == "shutdown" else ("forget",)
+            if entry.stop_reason is None:
+                if task is not None and task.cancelling():
+                    raise  # not ours: the loop itself is going away
+                # The handler raised CancelledError without being cancelled (a
+                # library's inner future): an ordinary failure, or the job
+                # would stay running, its lease renewed, until the process ends.
+                outcome = ("fail", _describe(exc), True)
+            else:
+                if task is not None:
+                    task.uncancel()
+                outcome = ("release",) if entry.stop_reason == "shutdown" else ("forget",)
         except TimeoutError as exc:
             if not deadline.expired():
                 outcome = ("fail", _describe(exc), True)
@@ -529,13 +541,20 @@ class Worker:
                     task = asyncio.create_task(write(batch))
                     writers.add(task)
                     task.add_done_callback(writers.discard)
+                    task.add_done_callback(self._helper_done)  # a bug here stops the worker, loudly
         finally:
             for task in writers:
                 task.cancel()
 
     async def _write(self, batch: list[tuple[UUID, int, Outcome]]) -> None:
         """Write a batch of outcomes, retrying transient errors.  Every call is
-        fenced in SQL, so repeating one that did commit changes nothing."""
+        fenced in SQL, so repeating one that did commit changes nothing.
+
+        Any other error is one outcome the database refuses (a NUL character
+        in a result, say).  It must not take its batch down with it: the
+        jobs would stay running, their leases renewed by our heartbeat, for
+        as long as this process lives.  So the batch is written one outcome
+        at a time, and the one refused becomes a plain permanent failure."""
         backoff = 0.05
         while True:
             try:
@@ -548,8 +567,23 @@ class Worker:
                 log.warning("writing outcomes failed (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except Exception as exc:
+                if len(batch) > 1:
+                    for item in batch:
+                        await self._write([item])
+                    return
+                [(job_id, attempt, outcome)] = batch
+                log.error("job %s: the database refused its %s outcome", job_id, outcome[0], exc_info=exc)
+                refused: Outcome = ("fail", f"{type(exc).__name__}: the job's outcome could not be recorded "
+                                    f"({outcome[0]}); see the worker's log", False)
+                if outcome != refused:
+                    await self._write([(job_id, attempt, refused)])
+                    return
+                break  # even the plain failure was refused: the lease will expire
         for job_id, attempt, _ in batch:
-            if self._held.get(job_id) == attempt:
+            # Not if this worker has claimed the job again meanwhile (a retry due
+            # at once): that attempt's lease must go on being renewed.
+            if self._held.get(job_id) == attempt and job_id not in self._running:
                 del self._held[job_id]
 
     async def _write_once(self, batch: list[tuple[UUID, int, Outcome]]) -> None:

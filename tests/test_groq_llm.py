@@ -409,3 +409,26 @@ async def test_bad_key_fails_for_good_without_leaking_the_key(
     assert API_KEY not in json.dumps({k: str(v) for k, v in dict(row).items()})
     assert API_KEY not in caplog.text
     assert await action_count(db, job.id) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "-3"}, 0.0),
+        ({"retry-after": "inf"}, 3600.0),
+        ({"retry-after": "1e300"}, 3600.0),
+        ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, 3600.0),
+        ({"retry-after": "soon"}, 30.0),
+        ({}, 30.0),
+    ],
+)
+def test_the_advised_delay_is_bounded(headers: dict[str, str], seconds: float) -> None:
+    """Whatever answers at GROQ_BASE_URL, the job's run_at stays a timestamp Postgres can hold."""
+    import httpx
+
+    from kyrie_engine.agents.groq_llm import retry_after_seconds
+
+    response = httpx.Response(429, headers=headers)
+    assert retry_after_seconds(response) == pytest.approx(seconds)

@@ -85,6 +85,22 @@ async def reports_progress(job: JobContext) -> dict[str, Any]:
     return {"done": True}
 
 
+async def returns_a_nul(job: JobContext) -> dict[str, Any]:
+    return {"text": "a\x00b"}  # valid JSON, but jsonb refuses \u0000: the flush must not wedge
+
+
+async def returns_unencodable(job: JobContext) -> object:
+    return object()
+
+
+async def raises_a_stray_cancel(job: JobContext) -> None:
+    raise asyncio.CancelledError  # not cancelled by the worker: a library's inner future
+
+
+async def advises_forever(job: JobContext) -> None:
+    raise RetryLater(float("inf"), "a proxy sent retry-after: inf")
+
+
 CASES = [
     # handler, max_attempts, status, attempts, result, error contains
     (returns, 3, "completed", 1, {"echo": {"n": 1}, "attempt": 1}, None),
@@ -96,6 +112,9 @@ CASES = [
     (blocking, 1, "completed", 1, {"off_loop": True}, None),
     (completes_in_own_transaction, 1, "completed", 1, {"atomic": True}, None),
     (reports_progress, 1, "completed", 1, {"done": True}, None),
+    (returns_a_nul, 3, "failed", 1, None, "the job's outcome could not be recorded (complete)"),
+    (returns_unencodable, 1, "failed", 1, None, "PydanticSerializationError"),
+    (raises_a_stray_cancel, 2, "failed", 2, None, "CancelledError"),
 ]
 
 
@@ -119,6 +138,22 @@ async def test_handler_outcomes(
         assert await db.fetchval("select count(*) from queue_test.marks where job_id = $1", enq.id) == 1
     if handler is reports_progress:
         assert job.progress == {"step": "reading worklogs", "percent": 50}
+
+
+async def test_an_endless_retry_after_is_bounded(db_dsn: str, db: asyncpg.Connection) -> None:
+    enq = await queue.enqueue(db, "test.kind", {}, max_attempts=1)
+    worker = make_worker(db_dsn, {"test.kind": advises_forever}, retry_cap_seconds=120)
+    async with running(worker):
+        for _ in range(200):
+            row = await db.fetchrow(
+                "select status, attempts, deferrals, run_at - now() as wait from public.jobs where id = $1",
+                enq.id,
+            )
+            if row["deferrals"] == 1:
+                break
+            await asyncio.sleep(0.02)
+    assert (row["status"], row["attempts"], row["deferrals"]) == ("pending", 0, 1)
+    assert dt.timedelta(seconds=100) < row["wait"] <= dt.timedelta(seconds=120)
 
 
 async def test_retries_back_off_and_stop_at_max_attempts(db_dsn: str, db: asyncpg.Connection) -> None:

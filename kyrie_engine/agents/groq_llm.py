@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import threading
 import time
@@ -43,24 +44,31 @@ DEFAULT_MODEL = "llama-3.3-70b-versatile"
 # conversation when a request would pass 85% of what this returns.
 CONTEXT_WINDOW = 131_072
 DEFAULT_RETRY_AFTER = 30.0
+MAX_RETRY_AFTER = 3600.0
 
 
 def retry_after_seconds(response: httpx.Response | None) -> float:
-    """Groq's advice: `retry-after-ms`, `retry-after` (seconds or an HTTP date), else a default."""
+    """Groq's advice: `retry-after-ms`, `retry-after` (seconds or an HTTP date), else a default.
+
+    Bounded to [0, MAX_RETRY_AFTER]: whatever answers at GROQ_BASE_URL (a
+    proxy, a look-alike API) may send `inf` or a date in the year 9999, and
+    the job's run_at must stay a timestamp the database can hold."""
     headers = response.headers if response is not None else httpx.Headers()
+    advised = DEFAULT_RETRY_AFTER
     try:
         if "retry-after-ms" in headers:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-        if "retry-after" in headers:
+            advised = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
             value = headers["retry-after"]
             try:
-                return max(0.0, float(value))
+                advised = float(value)
             except ValueError:
-                when = email.utils.parsedate_to_datetime(value)
-                return max(0.0, when.timestamp() - time.time())
+                advised = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     except (TypeError, ValueError, OverflowError):
-        pass
-    return DEFAULT_RETRY_AFTER
+        advised = DEFAULT_RETRY_AFTER
+    if not math.isfinite(advised):
+        advised = MAX_RETRY_AFTER
+    return min(max(0.0, advised), MAX_RETRY_AFTER)
 
 
 def _wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
