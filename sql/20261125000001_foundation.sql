@@ -12,8 +12,11 @@ create schema if not exists kyrie;
 revoke all on schema kyrie from public;
 grant usage on schema kyrie to authenticated, service_role;
 
--- Functions created here are not executable by everybody unless granted.
-alter default privileges in schema kyrie revoke execute on functions from public;
+-- Functions are executable by PUBLIC when created, and a per-schema
+-- ALTER DEFAULT PRIVILEGES cannot take that away (it only adds to the
+-- global default).  So every file that creates kyrie functions ends with
+-- `revoke execute on all functions in schema kyrie from public`, and the
+-- roles that need one get an explicit grant.
 
 create or replace function kyrie.touch_updated_at() returns trigger
 language plpgsql
@@ -31,7 +34,9 @@ $$;
 create table public.workspaces (
   id          uuid primary key default gen_random_uuid(),
   name        text not null check (length(btrim(name)) between 1 and 200),
-  created_by  uuid not null default auth.uid() references auth.users (id) on delete cascade,
+  -- Who created it.  Deleting that account must not delete a workspace
+  -- that others own by now: the column is cleared instead.
+  created_by  uuid default auth.uid() references auth.users (id) on delete set null,
   created_at  timestamptz not null default now(),
   updated_at  timestamptz not null default now()
 );
@@ -237,3 +242,6 @@ grant execute on function
   kyrie.is_workspace_admin(uuid),
   kyrie.my_workspace_ids()
 to authenticated, service_role;
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

@@ -92,6 +92,12 @@ begin
      or not exists (select from auth.users u where u.id = old.user_id) then
     return coalesce(new, old);
   end if;
+  -- Two owners removing each other at once would each see the other still
+  -- there (READ COMMITTED) and leave the workspace ownerless.  Taking the
+  -- workspace row's lock queues them; the check below is a new statement,
+  -- so the second sees the first's change once it commits.  NO KEY UPDATE
+  -- does not conflict with the key-share locks that member inserts take.
+  perform 1 from public.workspaces w where w.id = old.workspace_id for no key update;
   if not exists (
     select from public.workspace_members m
     where m.workspace_id = old.workspace_id
@@ -275,3 +281,6 @@ create policy worklogs_delete on public.worklogs
     workspace_id in (select kyrie.my_workspace_ids())
     and (user_id = (select auth.uid()) or workspace_id in (select kyrie.my_admin_workspace_ids()))
   );
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

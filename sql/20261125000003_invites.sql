@@ -132,6 +132,18 @@ begin
     raise exception 'this invite was sent to another email address' using errcode = 'KY003',
       hint = 'Sign in with the address the invite was sent to.';
   end if;
+  -- An invite speaks for the admin who made it, and only while they are one:
+  -- otherwise an admin removed by the owner (or demoted) could walk back in
+  -- with a link they made beforehand.  (The trigger below also deletes such
+  -- links; this covers any made before it existed.)
+  if not exists (
+    select from public.workspace_members m
+    where m.workspace_id = v_invite.workspace_id
+      and m.user_id = v_invite.created_by
+      and m.role in ('owner', 'admin')
+  ) then
+    raise exception 'this invite link is not valid or was already used' using errcode = 'KY001';
+  end if;
 
   insert into public.workspace_members as m (workspace_id, user_id, role)
   values (v_invite.workspace_id, v_user, v_invite.role)
@@ -149,7 +161,53 @@ begin
 end
 $$;
 
+-- An owner or admin withdraws every pending invite of a workspace (a link
+-- leaked, a hire cancelled).  Returns how many were withdrawn.
+create or replace function public.revoke_invites(p_workspace_id uuid)
+returns integer
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  if kyrie.workspace_role(p_workspace_id) is distinct from 'owner'
+     and kyrie.workspace_role(p_workspace_id) is distinct from 'admin' then
+    raise exception 'only owners and admins can withdraw invites' using errcode = '42501';
+  end if;
+  delete from public.invites i where i.workspace_id = p_workspace_id;
+  get diagnostics v_count = row_count;
+  return v_count;
+end
+$$;
+
+-- When someone stops being an owner or admin of a workspace (removed, left,
+-- or demoted to member), the invites they made there are withdrawn.
+create or replace function kyrie.withdraw_invites_of_former_admin() returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  if tg_op = 'DELETE' or new.role = 'member' then
+    delete from public.invites i
+    where i.workspace_id = old.workspace_id and i.created_by = old.user_id;
+  end if;
+  return null;
+end
+$$;
+revoke execute on function kyrie.withdraw_invites_of_former_admin() from public, anon;
+
+create trigger workspace_members_withdraw_invites
+  after update of role or delete on public.workspace_members
+  for each row
+  when (old.role in ('owner', 'admin'))
+  execute function kyrie.withdraw_invites_of_former_admin();
+
 revoke execute on function
+  public.revoke_invites(uuid),
   public.create_invite(uuid, text, text, interval),
   public.get_invite_by_token(text),
   public.redeem_invite(text)
@@ -157,5 +215,9 @@ from public, anon;
 
 grant execute on function public.create_invite(uuid, text, text, interval) to authenticated, service_role;
 grant execute on function public.redeem_invite(text) to authenticated, service_role;
+grant execute on function public.revoke_invites(uuid) to authenticated, service_role;
 -- The one function anon may call: the invite page before sign-in.
 grant execute on function public.get_invite_by_token(text) to anon, authenticated, service_role;
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

@@ -693,3 +693,6 @@ revoke execute on function
   kyrie.retry_job(uuid),
   kyrie.purge_jobs(interval)
 from public, anon, authenticated, service_role;
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

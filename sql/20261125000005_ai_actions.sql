@@ -164,3 +164,6 @@ begin
   end if;
 end
 $$;
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

@@ -171,11 +171,12 @@ as $$
          case when f.budget_hours is null then null
               when f.hours_to_date >= f.budget_hours then e.work_date
               -- Remaining hours at the period's average daily burn, from its last day;
-              -- none when that falls after the contract's end (it ends first).
+              -- none when that falls after the contract's end (it ends first) or
+              -- more than a century away (compared as numeric: a huge budget and a
+              -- tiny burn must not overflow the int cast or the date).
               when f.hours_period > 0 and f.active_days > 0
-                   and (f.end_date is null
-                        or p.last_day + ceil((f.budget_hours - f.hours_to_date) * f.active_days
-                                             / f.hours_period)::int <= f.end_date)
+                   and ceil((f.budget_hours - f.hours_to_date) * f.active_days / f.hours_period)
+                       <= coalesce(f.end_date - p.last_day, 36500)
                 then p.last_day + ceil((f.budget_hours - f.hours_to_date) * f.active_days / f.hours_period)::int
          end
   from figures f
@@ -364,3 +365,6 @@ grant execute on function
   kyrie.worklog_anomalies(uuid, date, date, uuid[]),
   kyrie.worklog_notes(uuid, uuid, date, date, int)
 to authenticated, service_role;
+
+-- Nothing in kyrie runs for PUBLIC: only the explicit grants above (see the foundation file).
+revoke execute on all functions in schema kyrie from public;

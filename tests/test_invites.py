@@ -312,3 +312,51 @@ async def test_concurrent_redemptions_exactly_one_wins(db: asyncpg.Connection, d
     finally:
         await one.close()
         await two.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "demoted", "left"])
+async def test_an_admin_who_loses_the_role_cannot_walk_back_in(db: asyncpg.Connection, how: str) -> None:
+    """Links an admin made are withdrawn when they stop being one; none lets them back in."""
+    team = await new_team(db)
+    token = await create_invite(db, team.admin, team.workspace, role="admin")
+    if how == "removed":
+        async with acting_as(db, team.owner):
+            await db.execute("delete from public.workspace_members where workspace_id = $1 and user_id = $2",
+                             team.workspace, team.admin)
+    elif how == "demoted":
+        async with acting_as(db, team.owner):
+            await db.execute("update public.workspace_members set role = 'member' "
+                             "where workspace_id = $1 and user_id = $2", team.workspace, team.admin)
+    else:
+        async with acting_as(db, team.admin):
+            await db.execute("delete from public.workspace_members where workspace_id = $1 and user_id = $2",
+                             team.workspace, team.admin)
+    assert await state(db, team.workspace) == (3 if how == "demoted" else 2, 0)
+    assert await redeem(db, team.admin, token) == "KY001"
+    assert await role_of(db, team.workspace, team.admin) == ("member" if how == "demoted" else None)
+
+
+async def test_redeeming_checks_the_maker_is_still_an_admin(db: asyncpg.Connection) -> None:
+    """Even an invite that escaped the withdrawal trigger (made before it existed) is refused."""
+    team = await new_team(db)
+    token = await create_invite(db, team.admin, team.workspace)
+    await db.execute(
+        "alter table public.workspace_members disable trigger workspace_members_withdraw_invites"
+    )
+    await db.execute("update public.workspace_members set role = 'member' where user_id = $1", team.admin)
+    outsider = await new_user(db)
+    assert await redeem(db, outsider, token) == "KY001"
+    assert await state(db, team.workspace) == (3, 1)  # refused: nothing changed
+
+
+async def test_owners_and_admins_withdraw_pending_invites(db: asyncpg.Connection) -> None:
+    team = await new_team(db)
+    tokens = [await create_invite(db, team.owner, team.workspace) for _ in range(3)]
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        async with acting_as(db, team.member):
+            await db.fetchval("select public.revoke_invites($1)", team.workspace)
+    assert raised.value.sqlstate == "42501"
+    assert await state(db, team.workspace) == (3, 3)
+    async with acting_as(db, team.admin):
+        assert await db.fetchval("select public.revoke_invites($1)", team.workspace) == 3
+    assert await redeem(db, await new_user(db), tokens[0]) == "KY001"

@@ -138,6 +138,21 @@ async def test_anon_executes_only_allow_listed_security_definer_functions(db: as
     assert {name: names.get(name) for name in ANON_MAY_EXECUTE} == dict.fromkeys(ANON_MAY_EXECUTE, True)
 
 
+async def test_no_engine_function_is_executable_by_public(db: asyncpg.Connection) -> None:
+    """The kyrie schema is the engine's: every function there is granted by name or to nobody.
+    (A per-schema ALTER DEFAULT PRIVILEGES cannot revoke PUBLIC's default EXECUTE.)"""
+    open_to_public = await db.fetch(
+        """
+        select p.oid::regprocedure::text as name
+        from pg_proc p
+        where p.pronamespace = 'kyrie'::regnamespace
+          and exists (select from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                      where a.grantee = 0 and a.privilege_type = 'EXECUTE')
+        """
+    )
+    assert [r["name"] for r in open_to_public] == []
+
+
 async def test_every_foreign_key_has_an_index(db: asyncpg.Connection) -> None:
     assert await db.fetchval("select count(*) from pg_constraint where contype = 'f'") > 0
     assert await foreign_keys_without_index(db) == []
