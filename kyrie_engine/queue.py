@@ -32,11 +32,17 @@ log = logging.getLogger(__name__)
 STATUSES: tuple[Status, ...] = ("pending", "running", "completed", "failed", "cancelled")
 
 
+class JsonText(str):
+    """JSON that is already encoded; `to_json` passes it through unchanged."""
+
+
 def to_json(value: Any) -> str | None:
     """JSON text for a jsonb parameter; None stays SQL NULL.  pydantic's encoder
     takes what handlers return in practice (dates, Decimals, UUIDs, models)."""
     if value is None:
         return None
+    if isinstance(value, JsonText):
+        return str(value)
     return pydantic_core.to_json(value).decode()
 
 

@@ -450,8 +450,9 @@ class Worker:
         try:
             async with asyncio.timeout(limit) as deadline:
                 result = await self._call(self.handlers[ctx.kind], ctx)
-            queue.to_json(result)  # an unencodable result fails here, not in the flush
-            outcome = ("complete", result)
+            # Encoded once, here: an unencodable result fails its attempt, not the flush.
+            encoded = queue.to_json(result)
+            outcome = ("complete", None if encoded is None else queue.JsonText(encoded))
         except RetryLater as exc:
             # Bounded like a backoff: run_at must stay a timestamp Postgres can hold.
             delay = exc.delay_seconds if math.isfinite(exc.delay_seconds) else self.retry_cap_seconds
@@ -534,9 +535,6 @@ class Worker:
                 while self._outcomes:
                     await slots.acquire()
                     batch, self._outcomes = self._outcomes[:FLUSH_BATCH], self._outcomes[FLUSH_BATCH:]
-                    if not batch:  # taken by another writer's wake-up meanwhile
-                        slots.release()
-                        break
                     self._flushing += 1
                     task = asyncio.create_task(write(batch))
                     writers.add(task)

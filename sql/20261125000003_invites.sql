@@ -173,8 +173,7 @@ as $$
 declare
   v_count integer;
 begin
-  if kyrie.workspace_role(p_workspace_id) is distinct from 'owner'
-     and kyrie.workspace_role(p_workspace_id) is distinct from 'admin' then
+  if not kyrie.is_workspace_admin(p_workspace_id) then
     raise exception 'only owners and admins can withdraw invites' using errcode = '42501';
   end if;
   delete from public.invites i where i.workspace_id = p_workspace_id;

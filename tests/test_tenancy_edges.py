@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from decimal import Decimal
 
 import asyncpg
@@ -35,9 +36,11 @@ async def test_two_owners_removing_each_other_leave_one(db: asyncpg.Connection, 
     assert [r["user_id"] for r in owners] == [a]
 
 
-async def _remove_as(conn: asyncpg.Connection, actor: object, workspace: object, target: object) -> str:
+async def _remove_as(
+    conn: asyncpg.Connection, actor: uuid.UUID, workspace: uuid.UUID, target: uuid.UUID
+) -> str:
     try:
-        async with acting_as(conn, actor):  # type: ignore[arg-type]
+        async with acting_as(conn, actor):
             await conn.execute(REMOVE, workspace, target)
     except asyncpg.PostgresError as error:
         return str(error.sqlstate)
