@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "migrate": ("kyrie_engine.migrate", "apply sql/ to DATABASE_URL (--status lists them)"),
+    "migrate": ("kyrie_engine.migrate", "apply the bundled migrations to DATABASE_URL (--status lists them)"),
     "serve": ("kyrie_engine.service", "run the HTTP API and a worker in one process"),
     "api": ("kyrie_engine.service", "run the HTTP API only"),
     "worker": ("kyrie_engine.service", "run a worker only"),

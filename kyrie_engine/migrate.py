@@ -1,6 +1,6 @@
-"""Apply `sql/` to a database the way the Supabase CLI would.
+"""Apply the bundled migrations (`kyrie_engine/sql/`) the way the Supabase CLI would.
 
-Migrations are the files `sql/<version>_<name>.sql`, applied in version order,
+Migrations are the files `kyrie_engine/sql/<version>_<name>.sql`, applied in version order,
 each in its own transaction, and recorded in
 `supabase_migrations.schema_migrations` with the CLI's columns (`version`,
 `name`, `statements`), so `supabase migration list` agrees with this command
@@ -19,11 +19,13 @@ import asyncio
 import re
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import asyncpg
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Package data: the same folder in a checkout, an installed wheel or `uvx`.
+SQL_DIR = Path(str(resources.files("kyrie_engine") / "sql"))
 _FILE_RE = re.compile(r"^(?P<version>\d{14})_(?P<name>[a-z0-9_]+)\.sql$")
 
 # Any constant will do; it only has to be the same for every migrating process.

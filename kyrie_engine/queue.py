@@ -1,6 +1,6 @@
 """The queue's Python face: the one module that speaks queue SQL.
 
-Every state transition is a function in `sql/20261125000004_jobs.sql`; this
+Every state transition is a function in `kyrie_engine/sql/20261125000004_jobs.sql`; this
 module calls them and turns rows into Python values.  It works on any asyncpg
 connection or pool, whether or not the caller registered a JSON codec: JSON
 crosses the wire as text (`$n::text::jsonb` in, `::text` out), so the API's

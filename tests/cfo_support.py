@@ -4,7 +4,7 @@
 analysis can be checked by hand (the expected values are spelled out in
 `HAND_FIGURES`); `reckon` computes the same figures again from plain
 aggregates over contracts and worklogs, written here rather than borrowed
-from sql/20261125000006_cfo_figures.sql, so a wrong formula there cannot
+from kyrie_engine/sql/20261125000006_cfo_figures.sql, so a wrong formula there cannot
 also be the test's expectation.
 """
 

@@ -6,7 +6,7 @@ PostgREST does for the app.  So Row Level Security, not this module, decides
 what an analysis can see: the worker's pool connects as the table owner, and
 without `acting_as` it would see every tenant.  The workspace comes from the
 job, never from the model; the functions called are SECURITY INVOKER
-(sql/20261125000006_cfo_figures.sql), so they see what the user sees.
+(kyrie_engine/sql/20261125000006_cfo_figures.sql), so they see what the user sees.
 """
 
 from __future__ import annotations
