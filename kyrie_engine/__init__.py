@@ -16,30 +16,50 @@ handlers of its own.
 """
 
 from kyrie_engine.queue import (
+    KIND_RULE,
+    STATUSES,
     Enqueued,
     Job,
+    Status,
     cancel_job,
+    check_kind,
     enqueue,
     enqueue_many,
     get_job,
+    list_jobs,
+    purge_jobs,
+    queue_stats,
+    recent_failures,
     retry_job,
+    running_jobs,
+    set_kind_limit,
 )
 from kyrie_engine.worker import JobContext, LeaseLost, PermanentFailure, RetryLater, Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KIND_RULE",
+    "STATUSES",
     "Enqueued",
     "Job",
     "JobContext",
     "LeaseLost",
     "PermanentFailure",
     "RetryLater",
+    "Status",
     "Worker",
     "__version__",
     "cancel_job",
+    "check_kind",
     "enqueue",
     "enqueue_many",
     "get_job",
+    "list_jobs",
+    "purge_jobs",
+    "queue_stats",
+    "recent_failures",
     "retry_job",
+    "running_jobs",
+    "set_kind_limit",
 ]

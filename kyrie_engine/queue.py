@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,10 +154,59 @@ async def _wake_workers(executor: Executor) -> None:
         log.warning("jobs committed but the wake-up notification failed (%s); workers will poll", exc)
 
 
+# The CHECK on public.jobs.kind (20261125000004_jobs.sql), as Python sees it;
+# tests/test_enqueue_api.py ties the two together.
+KIND_PATTERN = r"[a-z][a-z0-9_.:-]{0,99}"
+_KIND_RE = re.compile(KIND_PATTERN)
+KIND_RULE = (
+    "1 to 100 characters: a lowercase letter, then lowercase letters, digits, '_', '.', ':' or '-' "
+    "(e.g. 'emails.send')"
+)
+
+
+def check_kind(kind: str) -> str:
+    """`kind`, or ValueError naming the rule a kind must follow.
+
+    The database refuses any other kind (with a bare CheckViolationError), so a
+    job of it can never be enqueued: a Worker given a handler for it should
+    refuse it at registration, as enqueue refuses it here.
+    """
+    if not isinstance(kind, str):
+        raise TypeError(f"a job kind is a str, not {type(kind).__name__}")
+    if not _KIND_RE.fullmatch(kind):
+        raise ValueError(f"invalid job kind {kind!r}: a kind is {KIND_RULE}")
+    return kind
+
+
+def _payload_json(payload: Any) -> str:
+    """A payload's JSON text, or TypeError: a payload is a JSON object, and a
+    handler gets it back as a dict.  (bytes or a str would be stored as a JSON
+    string, a list as an array, and the handler would get those instead.)"""
+    if not isinstance(payload, Mapping):
+        encoded = isinstance(payload, (bytes, bytearray, str))
+        hint = " (decode it first: json.loads(payload))" if encoded else ""
+        raise TypeError(
+            f"a job payload is a dict (a JSON object), not {type(payload).__name__}{hint}; use {{}} for none"
+        )
+    text = to_json(dict(payload))
+    assert text is not None
+    return text
+
+
+def _per_job(name: str, value: Any, n: int, scalar: tuple[type, ...]) -> list[Any]:
+    """One value per job: a scalar (or None) is the same for all, a sequence must have n items."""
+    if value is None or isinstance(value, scalar):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} items for {n} payloads")
+    return values
+
+
 async def enqueue(
     executor: Executor,
     kind: str,
-    payload: dict[str, Any],
+    payload: Mapping[str, Any],
     *,
     workspace_id: UUID | None = None,
     user_id: UUID | None = None,
@@ -166,11 +216,14 @@ async def enqueue(
     max_attempts: int | None = None,
 ) -> Enqueued:
     """Add one job.  On a connection inside a transaction, the job exists (and
-    the workers are woken) only if that transaction commits."""
+    the workers are woken) only if that transaction commits.  ValueError for a
+    kind the table refuses, TypeError for a payload that is not a dict."""
+    check_kind(kind)
+    payload_json = _payload_json(payload)
     own_commit = _autocommit(executor)
     row = await executor.fetchrow(
         "select id, created from kyrie.enqueue_job($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, $9)",
-        kind, to_json(payload), workspace_id, user_id, idempotency_key, priority, run_at, max_attempts,
+        kind, payload_json, workspace_id, user_id, idempotency_key, priority, run_at, max_attempts,
         not own_commit,
     )
     assert row is not None
@@ -182,22 +235,39 @@ async def enqueue(
 async def enqueue_many(
     executor: Executor,
     kind: str,
-    payloads: Sequence[dict[str, Any]],
+    payloads: Sequence[Mapping[str, Any]],
     *,
     workspace_id: UUID | None = None,
     user_id: UUID | None = None,
-    priority: int = 0,
-    run_at: dt.datetime | None = None,
+    idempotency_keys: Sequence[str | None] | None = None,
+    priority: int | Sequence[int] = 0,
+    run_at: dt.datetime | Sequence[dt.datetime | None] | None = None,
     max_attempts: int | None = None,
 ) -> list[UUID]:
-    """Add many jobs of one kind in one statement: one commit, one wake-up."""
+    """Add many jobs of one kind in one statement: one commit, one wake-up.
+
+    `idempotency_keys` (one per payload, None for none), `priority` and
+    `run_at` (one for all, or one per payload) are per job.  The ids come back
+    in payload order; a key that matches an existing job (of an earlier call,
+    or earlier in this batch) gives that job's id and enqueues nothing, so a
+    caller whose commit answer was lost sends the same batch again and gets the
+    same ids.
+    """
+    check_kind(kind)
+    n = len(payloads)
+    texts = [_payload_json(p) for p in payloads]
+    keys = _per_job("idempotency_keys", idempotency_keys, n, ())
+    priorities = _per_job("priority", priority, n, (int,))
+    run_ats = _per_job("run_at", run_at, n, (dt.datetime,))
+    if not n:
+        return []
     own_commit = _autocommit(executor)
     rows = await executor.fetch(
-        "select id from kyrie.enqueue_jobs($1, $2::text[]::jsonb[], $3, $4, $5, $6, $7, $8) as id",
-        kind, [to_json(p) for p in payloads], workspace_id, user_id, priority, run_at, max_attempts,
-        not own_commit,
+        "select id, created from kyrie.enqueue_jobs($1, $2::text[]::jsonb[], $3, $4, $5::text[], $6::int[],"
+        " $7::timestamptz[], $8, $9)",
+        kind, texts, workspace_id, user_id, keys, priorities, run_ats, max_attempts, not own_commit,
     )
-    if own_commit and rows:
+    if own_commit and any(r["created"] for r in rows):
         await _wake_workers(executor)
     return [r["id"] for r in rows]
 
