@@ -116,12 +116,20 @@ async def cmd_retry(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    """Reports what the cancel did, not what the job was when it was read: a
+    job may finish between the two.  kyrie.cancel_job returns the row it
+    cancelled, or the row unchanged; inside one transaction, `now()` is the
+    cancel's own finished_at, which tells our cancel from an earlier one."""
     job_id = await resolve(conn, args.id)
     before = await queue.get_job(conn, job_id)
-    job = await queue.cancel_job(conn, job_id, args.reason)
+    async with conn.transaction():
+        now = await conn.fetchval("select now()")
+        job = await queue.cancel_job(conn, job_id, args.reason)
     if job is None or before is None:
         raise CliError(f"no job {args.id}")
-    if before.status not in ("pending", "running"):
+    if job.status != "cancelled" or job.finished_at != now:
+        if before.status in ("pending", "running"):
+            raise CliError(f"job {job.id} became {job.status} before the cancel: nothing cancelled")
         raise CliError(f"job {job.id} is already {job.status}: nothing to cancel")
     tail = " (its worker stops the handler within a second)" if before.status == "running" else ""
     print(f"job {job.id} cancelled{tail}")

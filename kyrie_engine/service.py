@@ -46,9 +46,20 @@ def checked_settings(mode: str) -> Settings:
     return settings
 
 
-def main(mode: str, argv: list[str]) -> int:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}")
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _parser(mode: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"kyrie-engine {mode}",
         description={
@@ -58,11 +69,34 @@ def main(mode: str, argv: list[str]) -> int:
         }[mode],
         epilog="Configured by the environment: DATABASE_URL, KYRIE_INTERNAL_SECRET, KYRIE_LLM, "
         "GROQ_API_KEY, KYRIE_HOST, KYRIE_PORT, KYRIE_CONCURRENCY, KYRIE_MAX_BODY_BYTES, ... "
-        "(see docs/http.md).",
+        "(see docs/http.md).  A flag wins over its variable.",
     )
-    parser.parse_args(argv)
+    if mode in ("serve", "api"):
+        parser.add_argument("--host", help="address to listen on (KYRIE_HOST; default 127.0.0.1)")
+        parser.add_argument("--port", type=_bounded_int(0, 65535),
+                            help="port to listen on, 0 for any free one (KYRIE_PORT; default 8000)")
+    if mode in ("serve", "worker"):
+        parser.add_argument("--concurrency", type=_bounded_int(1, 256),
+                            help="jobs run at once by the worker (KYRIE_CONCURRENCY; default 4)")
+    return parser
+
+
+def settings_for(mode: str, argv: list[str]) -> Settings:
+    """The environment's settings for `mode`, with the command line's flags over
+    them (as uvicorn's --host/--port win over its environment).  Flags are
+    parsed first, so `--help` needs no environment; SettingsError names the
+    first variable that is wrong."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    args = _parser(mode).parse_args(argv)
+    settings = checked_settings(mode)
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    return settings.model_copy(update=flags) if flags else settings
+
+
+def main(mode: str, argv: list[str]) -> int:
     try:
-        settings = checked_settings(mode)
+        settings = settings_for(mode, argv)
     except SettingsError as exc:
         exit_with(exc)
 

@@ -98,3 +98,44 @@ async def test_a_missing_database_url_is_one_clear_line(db_dsn: str) -> None:
     )
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_job_that_completes_between_read_and_cancel_is_not_reported_cancelled(
+    db_dsn: str, db: asyncpg.Connection, jobs: Jobs
+) -> None:
+    """The CLI reads the job (running), then cancels it; here its worker completes
+    it in between: the cancel changes nothing, and the CLI says so and exits 1."""
+    worker = await asyncpg.connect(db_dsn)
+    try:
+        finishing = worker.transaction()
+        await finishing.start()
+        await worker.execute("select 1 from public.jobs where id = $1 for update", jobs.running)
+        cli = asyncio.create_task(jobs_cli(db_dsn, "cancel", str(jobs.running)))
+        for _ in range(1200):  # until the CLI has read the job and its cancel waits for our row lock
+            if await db.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock'"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the CLI's cancel never waited for the row")
+        assert await queue.complete_job(worker, jobs.running, OWNER, 1, {"ok": True})
+        await finishing.commit()
+        result = await cli
+    finally:
+        await worker.close()
+    assert result.returncode == 1, result.stdout
+    assert f"job {jobs.running} became completed before the cancel: nothing cancelled" in result.stderr
+    assert "cancelled (" not in result.stdout
+    assert await db.fetchval("select status from public.jobs where id = $1", jobs.running) == "completed"
+
+
+async def test_a_job_cancelled_by_someone_else_is_not_reported_as_our_cancel(
+    db_dsn: str, db: asyncpg.Connection, jobs: Jobs
+) -> None:
+    await queue.cancel_job(db, jobs.pending, "by the app")
+    result = await jobs_cli(db_dsn, "cancel", str(jobs.pending))
+    assert result.returncode == 1
+    assert "already cancelled: nothing to cancel" in result.stderr
+    assert await db.fetchval("select error from public.jobs where id = $1", jobs.pending) == "by the app"
