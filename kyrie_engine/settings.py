@@ -11,6 +11,8 @@ well carry a password, and a short secret is still a secret.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import sys
 from typing import Literal, NoReturn
 from urllib.parse import parse_qs, urlsplit
@@ -69,6 +71,25 @@ class DatabaseSettings(BaseSettings):
         return _check_dsn(value)
 
 
+_KEEP_RE = re.compile(r"(?P<n>\d{1,6})(?P<unit>[dhms])")
+_KEEP_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_keep(text: str) -> dt.timedelta | None:
+    """A keep period as operators write it: `7d`, `12h`, `30m`, `45s`; `0` keeps forever (None).
+
+    A bare number is refused rather than guessed: `7` could be days or seconds,
+    and guessing seconds would delete a week of history at the first purge.
+    """
+    value = text.strip().lower()
+    if value == "0":
+        return None
+    match = _KEEP_RE.fullmatch(value)
+    if not match or int(match["n"]) == 0:
+        raise ValueError("must be a duration like 7d, 12h or 30m, or 0 to keep forever")
+    return dt.timedelta(**{_KEEP_UNITS[match["unit"]]: int(match["n"])})
+
+
 class Settings(DatabaseSettings):
     """Everything `serve`, `api` and `worker` read.
 
@@ -116,6 +137,18 @@ class Settings(DatabaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias=_env("KYRIE_LOG_LEVEL", "log_level")
     )
+    # Retention (kyrie_engine.retention): how long finished jobs are kept; None keeps them forever.
+    keep_completed: dt.timedelta | None = Field(
+        default=dt.timedelta(days=7), validation_alias=_env("KYRIE_KEEP_COMPLETED", "keep_completed")
+    )
+    keep_failed: dt.timedelta | None = Field(
+        default=dt.timedelta(days=30), validation_alias=_env("KYRIE_KEEP_FAILED", "keep_failed")
+    )
+
+    @field_validator("keep_completed", "keep_failed", mode="before")
+    @classmethod
+    def _keep_period(cls, value: object) -> object:
+        return parse_keep(value) if isinstance(value, str) else value
 
     @field_validator("internal_secret")
     @classmethod
