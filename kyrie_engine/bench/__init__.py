@@ -21,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from kyrie_engine.embedded import EmbeddedPostgres
 from kyrie_engine.migrate import migrate_dsn
 
 SECTIONS = ("rls", "queue", "http", "cfo")
@@ -79,6 +78,8 @@ def main(argv: list[str]) -> int:
     if admin_dsn:
         figures = asyncio.run(_run_sections(admin_dsn, sections, args.quick))
     else:
+        from kyrie_engine.embedded import EmbeddedPostgres  # the [demo] extra (kyrie_engine.cli checks)
+
         with EmbeddedPostgres(options={"fsync": "on", "full_page_writes": "on"}) as pg:
             figures = asyncio.run(_run_sections(pg.dsn, sections, args.quick))
     if args.json:
