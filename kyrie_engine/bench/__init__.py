@@ -23,7 +23,8 @@ import asyncpg
 
 from kyrie_engine.migrate import migrate_dsn
 
-SECTIONS = ("rls", "queue", "http", "cfo")
+SECTIONS = ("rls", "queue", "http", "cfo", "soak")
+DEFAULT_SECTIONS = ("rls", "queue", "http", "cfo")  # soak takes minutes: --only soak
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -65,7 +66,8 @@ async def _run_sections(admin_dsn: str, sections: list[str], quick: bool) -> dic
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kyrie-engine bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object of all figures on stdout")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = parser.parse_args(argv)
