@@ -10,7 +10,7 @@ tenth of the jobs with the first tenth (a queue that degrades as dead rows and
 index entries pile up shows it there), and give the jobs table's size at the
 end (with its indexes and TOAST) against its largest during the run.
 
-1,000,000 jobs by default, 50,000 with `--quick`; the suite runs a 2,000-job
+1,000,000 jobs by default (KYRIE_BENCH_SOAK_JOBS for more), 50,000 with `--quick`; the suite runs a 2,000-job
 smoke of the same code (`soak(dsn, 2000)`).  The worker runs in a process of
 its own (`python -m kyrie_engine.bench.soak worker <dsn> <n>`), so the
 producer does not share its event loop.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ import asyncpg
 from kyrie_engine import queue, retention
 
 KIND = "soak.noop"
-JOBS = 1_000_000
+# KYRIE_BENCH_SOAK_JOBS: a longer soak, to see past autovacuum's first visit.
+JOBS = int(os.environ.get("KYRIE_BENCH_SOAK_JOBS", "1000000"))
 QUICK_JOBS = 50_000
 BATCH = 1_000
 BACKLOG = 20_000  # pending jobs the producer keeps at most
