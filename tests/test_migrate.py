@@ -261,3 +261,17 @@ async def test_export_leaves_a_differing_file_untouched_and_fails_naming_it(tmp_
     assert theirs.name in result.stderr and "left untouched" in result.stderr
     assert theirs.read_text() == "-- the project's own edit\n"
     assert len(list(target.iterdir())) == len(find_migrations())  # the others were written
+
+
+async def test_status_of_an_edited_file_says_changed_and_exits_1(
+    db: asyncpg.Connection, pg_server  # type: ignore[no-untyped-def]
+) -> None:
+    """A deploy script can gate on `migrate --status`."""
+    first = find_migrations()[0]
+    await db.execute(
+        "update supabase_migrations.schema_migrations set statements = array['select 1'] where version = $1",
+        first.version,
+    )
+    result = await cli("--status", dsn=pg_server.dsn_for(await db.fetchval("select current_database()")))
+    assert result.returncode == 1
+    assert f"changed  {first.path.name}" in result.stdout
