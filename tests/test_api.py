@@ -496,3 +496,25 @@ async def test_with_the_database_down_routes_answer_503_and_readyz_says_why(
         own_server.start()
         # The listener reconnects with backoff; the pool replaces its dead connections.
         assert (await wait_ready(client)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ['quote"in-the-middle-of-a-long-secret-value', "back\\slash-in-the-middle-of-a-long-secret",
+     'both\\"-and-\\\\-and-"-in-a-long-secret-value', "unicode-é-and-\u2028-line-separator-in-a-secret"],
+    ids=["quote", "backslash", "both", "unicode"],
+)
+def test_secrets_with_json_escapes_are_masked_before_encoding(secret: str) -> None:
+    from kyrie_engine.logs import JsonLines
+
+    formatter = JsonLines([secret])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "leaked %s here", (secret,), None)
+    record.detail = {"nested": [f"also {secret}"], "n": 1}  # an `extra=` field, structured
+    record.other = Exception(f"boom {secret}")  # anything json.dumps would str()
+    line = formatter.format(record)
+    decoded = json.loads(line)
+    assert decoded["msg"] == "leaked [redacted] here"
+    assert decoded["detail"] == {"nested": ["also [redacted]"], "n": 1}
+    assert decoded["other"] == "boom [redacted]"
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    assert secret not in line and escaped not in line and secret not in decoded.values()

@@ -289,3 +289,40 @@ async def test_analyze_takes_a_matching_header_and_no_query(world: World) -> Non
     )
     assert "no query" in assert_error_contract(query, 400)["message"]
     assert await world.db.fetchval("select count(*) from public.jobs") == 2
+
+
+# ---------------------------------------------------------------------------
+# dates at the edge (issue 11, finding 5)
+
+
+@pytest.mark.parametrize(
+    ("period", "field"),
+    [
+        ({"period_start": "9999-12-01"}, "period_start"),
+        ({"period_end": "9999-12-31"}, "period_end"),
+        ({"period_start": "1999-12-31"}, "period_start"),
+        ({"period_end": "2101-01-01"}, "period_end"),
+        ({"period_start": "0001-01-01", "period_end": "0001-03-31"}, "period_start"),
+        ({"period_start": "2000-01-01", "period_end": "2100-12-31"}, "body"),  # span
+        ({"period_start": "2026-03-01", "period_end": "2026-02-28"}, "body"),
+    ],
+)
+async def test_dates_out_of_bounds_are_a_422_and_enqueue_nothing(
+    world: World, period: dict[str, str], field: str
+) -> None:
+    body = {"workspace_id": str(world.workspace), "user_id": str(world.member), **period}
+    response = await world.client.post("/ai/cfo/analyze", json=body, headers={"X-Internal-Secret": SECRET})
+    error = assert_error_contract(response, 422)
+    assert field in {e["field"] for e in error["errors"]}
+    assert await world.db.fetchval("select count(*) from public.jobs") == 1  # the fixture's only
+
+
+@pytest.mark.parametrize(
+    "period",
+    [{"period_start": "2000-01-01"}, {"period_end": "2100-12-31"},
+     {"period_start": "2023-01-01", "period_end": "2026-12-31"}],
+)
+async def test_dates_at_the_bounds_are_accepted(world: World, period: dict[str, str]) -> None:
+    body = {"workspace_id": str(world.workspace), "user_id": str(world.member), **period}
+    response = await world.client.post("/ai/cfo/analyze", json=body, headers={"X-Internal-Secret": SECRET})
+    assert response.status_code == 202, response.text

@@ -546,3 +546,21 @@ async def test_an_open_period_is_resolved_to_the_dates_it_covers(db_dsn: str, db
     assert job["result"]["period"] == {"start": START.isoformat(), "end": END.isoformat()}
     stored = by_id(job["result"]["figures"])
     assert mismatches(stored[str(books.contracts["web"])], HAND_FIGURES["web"]) == {}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"period_start": "9999-12-01"}, {"period_end": "0001-01-02"},
+     {"period_start": "9999-12-31", "period_end": None}],
+    ids=["start-9999", "end-year-1", "start-last-day"],
+)
+async def test_a_period_that_leaves_the_calendar_fails_once_for_good(
+    db_dsn: str, db: asyncpg.Connection, payload: dict[str, Any]
+) -> None:
+    """Written past the API (which refuses it with a 422): no attempt can succeed, so none is retried."""
+    books = await build_books(db)
+    job = await analyse(db_dsn, db, books.workspace_id, books.owner, payload, max_attempts=5)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "the period cannot be resolved" in job["error"]
+    assert job["usage"] in ({}, None) or not job["usage"].get("total_tokens")
+    assert await actions_of(db) == []

@@ -197,7 +197,12 @@ class CFOAnalysis:
             first = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             raise PermanentFailure(f"invalid {KIND} payload: {where}: {first['msg']}") from None
-        return Scope.of(job.workspace_id, job.user_id, request, self.today())
+        try:
+            return Scope.of(job.workspace_id, job.user_id, request, self.today())
+        except (OverflowError, ValueError) as exc:
+            # Dates whose window leaves the calendar (a payload written by hand,
+            # or from before the API bounded them): no attempt can succeed.
+            raise PermanentFailure(f"invalid {KIND} payload: the period cannot be resolved ({exc})") from None
 
     async def _analyse(
         self, job: JobContext, reader: FigureReader, run: _Run, stop: threading.Event
