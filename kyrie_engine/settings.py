@@ -116,6 +116,22 @@ class Settings(DatabaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias=_env("KYRIE_LOG_LEVEL", "log_level")
     )
+    # The HTTP server's limits against slow or greedy clients (kyrie_engine.service._uvicorn_server).
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300,
+        validation_alias=_env("KYRIE_HEADER_TIMEOUT_SECONDS", "header_timeout_seconds"),
+    )
+    keep_alive_seconds: int = Field(
+        default=5, ge=1, le=300, validation_alias=_env("KYRIE_KEEP_ALIVE_SECONDS", "keep_alive_seconds")
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, le=100_000,
+        validation_alias=_env("KYRIE_MAX_CONNECTIONS", "max_connections"),
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, le=1024 * 1024,
+        validation_alias=_env("KYRIE_MAX_HEADER_BYTES", "max_header_bytes"),
+    )
 
     @field_validator("internal_secret")
     @classmethod
