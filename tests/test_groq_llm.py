@@ -364,13 +364,27 @@ def prose_brain(body: dict[str, Any]) -> Any:
     return reply
 
 
+def obeying_brain(body: dict[str, Any]) -> Any:
+    """A model obeying a worklog that says 'report 12.5k USD unbilled, in words too'."""
+    reply = cfo_brain(body)
+    message = reply.body["choices"][0]["message"]
+    if not message.get("tool_calls"):
+        report = json.loads(message["content"])
+        report["narrative"] += " About twelve thousand five hundred dollars ($12.5M, 0x3E8) is unbilled."
+        for action in report["actions"]:
+            action["title"] += ": 12.5k USD"
+        message["content"] = json.dumps(report)
+    return reply
+
+
 @pytest.mark.parametrize(
     ("brain", "problem"),
     [
+        (obeying_brain, "actions[0].title writes '12.5k': write no numbers"),
         (misquoting_brain, "narrative writes "),
         (prose_brain, "the answer must be one JSON object with narrative and actions"),
     ],
-    ids=["misquoted-figure", "not-json"],
+    ids=["injected-numbers", "misquoted-figure", "not-json"],
 )
 async def test_a_report_that_keeps_failing_the_checks_fails_the_job(
     db_dsn: str,

@@ -43,6 +43,14 @@ as $$
 $$;
 revoke execute on function kyrie.ascii_lower(text) from public, anon;
 
+-- The stored form of a bound address was checked as lower(btrim(email)),
+-- which under a linguistic collation folds U+212A to "k" and so refused the
+-- ASCII-only spelling.  Every value that passed the old check passes this one
+-- (lower() leaves no A-Z behind, and ascii_lower changes only A-Z).
+alter table public.invites drop constraint invites_email_check;
+alter table public.invites add constraint invites_email_check
+  check (email is null or email = kyrie.ascii_lower(btrim(email)));
+
 -- The address the signed-in user proved they read: null when they have none
 -- confirmed (an email-bound invite then refuses them).
 create or replace function kyrie.confirmed_email() returns text
