@@ -3,9 +3,11 @@
 Callers are route handlers of the Next.js app that have already checked the
 user's session; they prove who they are with the shared `X-Internal-Secret`
 (compared in constant time, by length too: both sides are hashed first) and
-tell us which user they act for.  Whether that user may touch a workspace is
-not decided here: the API asks the database's own `kyrie.is_workspace_member`
-while acting as that user, the rule every policy uses.
+tell us which user they act for (`X-Kyrie-User-Id` on job routes, `user_id` in
+the body of an analysis).  Whether that user may touch a workspace is not
+decided here: the API asks the database's own membership rule
+(`kyrie.is_member_of`, through which `kyrie.is_workspace_member` and so every
+policy is defined), in the same statement that enqueues for an analysis.
 
 Request handling, outermost first: `RequestContext` gives each request an id
 (logged on every line, returned in `X-Request-Id`), times it for the metrics,
@@ -19,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +43,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kyrie_engine import queue
-from kyrie_engine.db import acting_as, create_pool
+from kyrie_engine.db import create_pool
 from kyrie_engine.events import Follower, JobEvents
 from kyrie_engine.http_errors import DATABASE_UNAVAILABLE, ApiError, exception_handlers, internal_error
 from kyrie_engine.logs import describe_exception, request_id
 from kyrie_engine.metrics import CONTENT_TYPE, Metrics
-from kyrie_engine.openapi import SECRET_HEADER, document
+from kyrie_engine.openapi import SECRET_HEADER, USER_HEADER, document
 from kyrie_engine.schemas import AnalyzeRequest, JobView
 from kyrie_engine.settings import Settings
 
@@ -55,9 +58,13 @@ ANALYZE_KIND = "cfo.analyze"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 
-WORKSPACE_EXISTS_SQL = "select exists (select from public.workspaces where id = $1)"
-# The rule of every policy, asked as the user (inside kyrie_engine.db.acting_as).
-IS_MEMBER_SQL = "select kyrie.is_workspace_member($1)"
+_UUID_TEXT_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+# The rule of every policy (kyrie.is_workspace_member is defined through it),
+# asked for a named user in one statement (kyrie_engine/sql/20261201000101_*).
+IS_MEMBER_SQL = "select kyrie.is_member_of($1, $2)"
+# Workspace exists, user is a member, enqueue: one statement, refusals as values.
+ACCEPT_SQL = "select outcome, job_id, created from kyrie.accept_job($1, $2::text::jsonb, $3, $4, $5)"
 
 
 @dataclass
@@ -130,15 +137,40 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
     ]
 
 
+def _repeated_keys(raw: bytes) -> list[str]:
+    """Keys an object of the body names twice.  JSON parsers keep the last
+    (`{"user_id": a, "user_id": b}` is for b), so a body whose parts disagree
+    on whom it is for is refused, not quietly read one way."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        repeated.extend(key for n, key in enumerate(keys) if key in keys[:n])
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except ValueError:
+        return []
+    return repeated
+
+
 def parse_analyze(raw: bytes) -> AnalyzeRequest:
     try:
-        return AnalyzeRequest.model_validate_json(raw)
+        request = AnalyzeRequest.model_validate_json(raw)
     except ValidationError as exc:
         malformed = [e for e in exc.errors() if e["type"] == "json_invalid"]
         if malformed:
             detail = str(malformed[0]["msg"]).removeprefix("Invalid JSON: ")
             raise ApiError(400, f"malformed JSON: {detail}") from None
         raise ApiError(422, "invalid request body", errors=_field_errors(exc)) from None
+    repeated = _repeated_keys(raw)
+    if repeated:
+        # Only our own field names are echoed, never text the caller made up.
+        known = [key for key in repeated if key in AnalyzeRequest.model_fields]
+        named = f" ({', '.join(dict.fromkeys(known))})" if known else ""
+        raise ApiError(400, f"the body names a field more than once{named}")
+    return request
 
 
 def _uuid_or_404(text: str) -> uuid.UUID:
@@ -148,47 +180,110 @@ def _uuid_or_404(text: str) -> uuid.UUID:
         raise ApiError(404, "job not found") from None
 
 
-def _optional_user(request: Request) -> uuid.UUID | None:
-    text = request.query_params.get("user_id")
-    if text is None:
-        return None
-    try:
-        return uuid.UUID(text)
-    except ValueError:
+# ---------------------------------------------------------------------------
+# the rules every /ai route follows, applied by the route factories below
+#
+# A route under /ai is built by `ai_route` (the secret) or `job_route` (the
+# secret, then the user, then the job as that user may see it): a handler
+# cannot forget a check it never performs.  tests/test_api_routes.py walks
+# every route of the built app and proves each one refuses without them.
+#
+# The user arrives in one header, set by the Next.js route handler from the
+# session it checked.  Not in the query: a job id spliced unencoded into a
+# URL (`<job>?x=`, `<job>#`) rewrites or cuts the query the proxy appended,
+# but it cannot reach a header.  So /ai routes take no query string at all,
+# and the header must appear exactly once, as a uuid.
+
+
+def _closed_query(request: Request) -> None:
+    if request.url.query:
         raise ApiError(
-            422, "invalid query", errors=[{"field": "query.user_id", "message": "must be a uuid"}]
-        ) from None
+            400, f"this route takes no query parameters; the user goes in the {USER_HEADER} header"
+        )
 
 
-async def _is_member(conn: asyncpg.Connection, workspace_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-    async with acting_as(conn, user_id, readonly=True):
-        return bool(await conn.fetchval(IS_MEMBER_SQL, workspace_id))
+def header_user(request: Request) -> uuid.UUID | None:
+    """The user in X-Kyrie-User-Id, None when absent; repeated or malformed is refused."""
+    values = request.headers.getlist(USER_HEADER)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"{USER_HEADER} was given {len(values)} times; send it once")
+    # The canonical spelling only: uuid.UUID also takes braces, a urn: prefix
+    # or no hyphens, and one user should have one spelling on the wire.
+    text = values[0].strip(" \t")  # optional whitespace around a value is HTTP's, not the value's
+    if not _UUID_TEXT_RE.fullmatch(text):
+        raise ApiError(
+            422, "invalid header", errors=[{"field": f"header.{USER_HEADER}", "message": "must be a uuid"}]
+        )
+    return uuid.UUID(text)
 
 
-async def _visible_job(request: Request, job_id: uuid.UUID) -> JobView:
-    """The job, or 404 when it does not exist or `user_id` may not see it."""
-    user_id = _optional_user(request)
+def acting_user(request: Request) -> uuid.UUID:
+    user = header_user(request)
+    if user is None:
+        raise ApiError(400, f"this route acts for a user: send the user's id in the {USER_HEADER} header")
+    return user
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+JobEndpoint = Callable[[Request, JobView], Awaitable[Response]]
+
+
+def ai_route(path: str, endpoint: Endpoint, methods: list[str]) -> Route:
+    """A route that answers only callers holding the internal secret, with no query string."""
+
+    async def guarded(request: Request) -> Response:
+        require_secret(request)
+        _closed_query(request)
+        return await endpoint(request)
+
+    guarded.__name__ = guarded.__qualname__ = endpoint.__name__
+    return Route(path, guarded, methods=methods, name=endpoint.__name__)
+
+
+def job_route(path: str, endpoint: JobEndpoint, methods: list[str]) -> Route:
+    """An `ai_route` for one job, on behalf of a user: the endpoint receives the job only
+    when the user may see it (a member of its workspace; for a job without one, its user)."""
+
+    async def for_member(request: Request) -> Response:
+        user = acting_user(request)
+        job = await _visible_job(request, _uuid_or_404(request.path_params["job_id"]), user)
+        return await endpoint(request, job)
+
+    for_member.__name__ = endpoint.__name__
+    return ai_route(path, for_member, methods)
+
+
+async def _visible_job(request: Request, job_id: uuid.UUID, user_id: uuid.UUID) -> JobView:
+    """The job, or 404 when it does not exist or the user may not see it (the same answer,
+    so a stranger learns nothing about other tenants' job ids)."""
     async with _pool(request).acquire() as conn:
         found = await queue.get_job(conn, job_id)
         if found is None:
             raise ApiError(404, "job not found")
         job = JobView.of(found)
-        if user_id is not None:
-            if job.workspace_id is not None:
-                visible = await _is_member(conn, job.workspace_id, user_id)
-            else:
-                visible = job.user_id == user_id
-            if not visible:
-                raise ApiError(404, "job not found")
+        if job.workspace_id is not None:
+            visible = bool(await conn.fetchval(IS_MEMBER_SQL, job.workspace_id, user_id))
+        else:
+            visible = job.user_id == user_id
+    if not visible:
+        raise ApiError(404, "job not found")
     return job
 
 
 # ---------------------------------------------------------------------------
 # routes
 
+# kyrie.accept_job's refusals, as the API answers them.
+_REFUSALS = {
+    "workspace_not_found": (404, "workspace not found"),
+    "not_a_member": (403, "this user is not a member of the workspace"),
+}
+
 
 async def analyze(request: Request) -> Response:
-    require_secret(request)
+    """Accept one analysis: one statement checks the workspace and the membership and enqueues."""
     runtime = _runtime(request)
     key = request.headers.get("idempotency-key")
     if key is not None and not _IDEMPOTENCY_KEY_RE.match(key):
@@ -197,35 +292,39 @@ async def analyze(request: Request) -> Response:
             errors=[{"field": "header.Idempotency-Key", "message": "1 to 200 visible ASCII characters"}],
         )
     body = parse_analyze(await read_json(request, runtime.settings.max_body_bytes))
+    # The contract puts the user in the body; a header, if the caller also sends
+    # one, must name the same user, or two parts of the request disagree on whom
+    # it is for.
+    also = header_user(request)
+    if also is not None and also != body.user_id:
+        raise ApiError(400, f"{USER_HEADER} and the body's user_id name different users")
 
     pool = _pool(request)
     async with pool.acquire() as conn:
-        if not await conn.fetchval(WORKSPACE_EXISTS_SQL, body.workspace_id):
-            raise ApiError(404, "workspace not found")
-        if not await _is_member(conn, body.workspace_id, body.user_id):
-            raise ApiError(403, "this user is not a member of the workspace")
-        enqueued = await queue.enqueue(
-            conn, ANALYZE_KIND, body.payload(),
-            workspace_id=body.workspace_id, user_id=body.user_id, idempotency_key=key,
+        row = await conn.fetchrow(
+            ACCEPT_SQL, ANALYZE_KIND, queue.to_json(body.payload()), body.workspace_id, body.user_id, key
         )
-    headers = {"Location": f"/ai/jobs/{enqueued.id}"}
-    if not enqueued.created:
+        assert row is not None
+        if row["outcome"] != "accepted":
+            raise ApiError(*_REFUSALS[row["outcome"]])
+        if row["created"]:
+            # The shared wake-up of kyrie_engine.queue (one NOTIFY for many
+            # concurrent accepts), called rather than written again.
+            await queue._wake_workers(conn)
+    job_id = row["job_id"]
+    headers = {"Location": f"/ai/jobs/{job_id}"}
+    if not row["created"]:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse({"job_id": str(enqueued.id)}, status_code=202, headers=headers)
+    return JSONResponse({"job_id": str(job_id)}, status_code=202, headers=headers)
 
 
-async def get_job(request: Request) -> Response:
-    require_secret(request)
-    job = await _visible_job(request, _uuid_or_404(request.path_params["job_id"]))
+async def get_job(request: Request, job: JobView) -> Response:
     return Response(job.model_dump_json(), media_type="application/json")
 
 
-async def cancel_job(request: Request) -> Response:
-    require_secret(request)
-    job_id = _uuid_or_404(request.path_params["job_id"])
-    await _visible_job(request, job_id)
+async def cancel_job(request: Request, job: JobView) -> Response:
     # Pending or running become cancelled; a finished job comes back unchanged.
-    cancelled = await queue.cancel_job(_pool(request), job_id, "cancelled through the API")
+    cancelled = await queue.cancel_job(_pool(request), job.id, "cancelled through the API")
     if cancelled is None:  # deleted meanwhile (with its workspace)
         raise ApiError(404, "job not found")
     job = JobView.of(cancelled)
@@ -234,17 +333,15 @@ async def cancel_job(request: Request) -> Response:
     return Response(job.model_dump_json(), media_type="application/json")
 
 
-async def job_events(request: Request) -> Response:
+async def job_events(request: Request, job: JobView) -> Response:
     """SSE of one job: woken by the shared listener, never polling the database on a timer."""
-    require_secret(request)
     runtime = _runtime(request)
-    job_id = _uuid_or_404(request.path_params["job_id"])
+    job_id = job.id
     if not runtime.events.enabled:
         raise ApiError(
             503, "live events need a LISTEN connection: DATABASE_URL is a transaction pooler, "
             "so set KYRIE_LISTEN_DATABASE_URL (or follow the job with Supabase Realtime)",
         )
-    await _visible_job(request, job_id)
     pool = _pool(request)
     # Set by sse-starlette when the server is stopping: the stream then ends
     # cleanly (its last chunk sent) instead of being cut.
@@ -339,11 +436,13 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(document(_runtime(request).settings.max_body_bytes))
 
 
+# Everything under /ai through the factories; the rest is public by design
+# (probes, metrics, the document), and tests/test_api_routes.py holds that list.
 ROUTES = [
-    Route("/ai/cfo/analyze", analyze, methods=["POST"]),
-    Route("/ai/jobs/{job_id}", get_job, methods=["GET"]),
-    Route("/ai/jobs/{job_id}/events", job_events, methods=["GET"]),
-    Route("/ai/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    ai_route("/ai/cfo/analyze", analyze, methods=["POST"]),
+    job_route("/ai/jobs/{job_id}", get_job, methods=["GET"]),
+    job_route("/ai/jobs/{job_id}/events", job_events, methods=["GET"]),
+    job_route("/ai/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -121,7 +121,7 @@ async def _follow(client: httpx.AsyncClient, base: str, job_id: str, user_id: st
     """Print each state the SSE route sends; return the last (terminal) one."""
     last: dict[str, Any] = {}
     url = f"{base}/ai/jobs/{job_id}/events"
-    async with client.stream("GET", url, params={"user_id": user_id}) as response:
+    async with client.stream("GET", url, headers={"X-Kyrie-User-Id": user_id}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data:"):

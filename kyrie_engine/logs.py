@@ -4,7 +4,9 @@ The request id lives in a context variable, so every line logged while a
 request is served (ours, asyncpg's, uvicorn's) carries it without being passed
 around.  Known secret values are masked at the formatter, the last place a line
 passes before it leaves the process: a defence in depth, since no code path
-here is meant to log one.  Tracebacks are not written (the issue forbids them
+here is meant to log one.  They are masked in the values, before JSON encoding:
+encoded, a secret holding `"` or `\\` (the settings allow both) is no longer
+the text being searched for.  Tracebacks are not written (the issue forbids them
 in logs too): an error line names the exception's type and where it was raised.
 """
 
@@ -37,6 +39,19 @@ class JsonLines(logging.Formatter):
                 text = text.replace(secret, _MASK)
         return text
 
+    def _masked(self, value: Any) -> Any:
+        """The value with every secret masked, as JSON-ready data (what json.dumps would
+        have turned into text with `default=str` is turned into text here, then masked)."""
+        if isinstance(value, str):
+            return self._mask(value)
+        if isinstance(value, dict):
+            return {self._mask(str(k)): self._masked(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._masked(v) for v in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self._mask(str(value))
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
@@ -53,7 +68,7 @@ class JsonLines(logging.Formatter):
                 line[key] = value
         if record.exc_info and record.exc_info[1] is not None:
             line.update(describe_exception(record.exc_info[1]))
-        return self._mask(json.dumps(line, default=str, ensure_ascii=False))
+        return json.dumps(self._masked(line), ensure_ascii=False)
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

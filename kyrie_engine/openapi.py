@@ -31,6 +31,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _REF = "#/components/schemas/{model}"
 
 SECRET_HEADER = "X-Internal-Secret"  # noqa: S105 (a header name)
+# The user a job route acts for, set by the Next.js route handler from its session.
+USER_HEADER = "X-Kyrie-User-Id"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -57,10 +59,12 @@ _JOB_ID = {
     "description": "A job id; anything that is not a uuid is an unknown job (404).",
 }
 _USER_ID = {
-    "name": "user_id", "in": "query", "required": False,
+    "name": USER_HEADER, "in": "header", "required": True,
     "schema": {"type": "string", "format": "uuid"},
-    "description": "When given, the job must belong to a workspace this user is a member of "
-    "(or be this user's own job without a workspace); otherwise the answer is 404, as for an unknown job.",
+    "description": "The user this request acts for, exactly once. The job must belong to a workspace "
+    "this user is a member of (or be this user's own job without a workspace); otherwise the answer is "
+    "404, as for an unknown job. A header rather than a query parameter: a job id spliced into a URL "
+    "cannot rewrite it.",
 }
 
 
@@ -71,9 +75,10 @@ def _job_operation(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
         "parameters": [_JOB_ID, _USER_ID],
         "responses": {
             **responses,
+            "400": _error(f"{USER_HEADER} missing or repeated, or a query string (these routes take none)."),
             **_AUTH_ERRORS,
-            "404": _error("No such job (or not visible to `user_id`)."),
-            "422": _json(ValidationErrorBody, "`user_id` is not a uuid."),
+            "404": _error(f"No such job (or not visible to {USER_HEADER})."),
+            "422": _json(ValidationErrorBody, f"{USER_HEADER} is not a uuid."),
             **_COMMON_ERRORS,
         },
     }
@@ -102,6 +107,11 @@ def document(max_body_bytes: int) -> dict[str, Any]:
                     "description": "A retried request with the same key (for the same workspace) returns "
                     "the same job instead of enqueuing another; the reply then carries "
                     "`Idempotent-Replayed: true`.",
+                }, {
+                    "name": USER_HEADER, "in": "header", "required": False,
+                    "schema": {"type": "string", "format": "uuid"},
+                    "description": "Optional here (the body's `user_id` names the user); when sent, "
+                    "once, and naming the same user.",
                 }],
                 "requestBody": {
                     "required": True,
@@ -110,7 +120,10 @@ def document(max_body_bytes: int) -> dict[str, Any]:
                 },
                 "responses": {
                     "202": _json(JobAccepted, "Enqueued (or replayed by Idempotency-Key)."),
-                    "400": _error("The body is not well-formed JSON."),
+                    "400": _error(
+                        "The body is not well-formed JSON or names a field twice; a query string; "
+                        f"{USER_HEADER} repeated or naming another user than the body."
+                    ),
                     **_AUTH_ERRORS,
                     "403": _error("The user is not a member of the workspace."),
                     "404": _error("No such workspace."),

@@ -18,6 +18,13 @@ JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 MAX_CONTRACT_IDS = 500
+# Dates an analysis may cover: wide enough for any real book, narrow enough
+# that no date arithmetic downstream (a default 90-day window, a budget's
+# projected end) can leave the calendar.  A year-9999 period used to be
+# accepted here and overflow in the worker, retried with tokens spent each time.
+EARLIEST_DATE = dt.date(2000, 1, 1)
+LATEST_DATE = dt.date(2100, 12, 31)
+MAX_PERIOD_DAYS = 3 * 366 + 365  # four years, both ends included
 
 
 class AnalyzeRequest(BaseModel):
@@ -31,13 +38,16 @@ class AnalyzeRequest(BaseModel):
         default=None, min_length=1, max_length=MAX_CONTRACT_IDS,
         description="Limit the analysis to these contracts (null: all of the workspace's)."
     )
-    period_start: dt.date | None = None
-    period_end: dt.date | None = None
+    period_start: dt.date | None = Field(default=None, ge=EARLIEST_DATE, le=LATEST_DATE)
+    period_end: dt.date | None = Field(default=None, ge=EARLIEST_DATE, le=LATEST_DATE)
 
     @model_validator(mode="after")
     def _period_in_order(self) -> AnalyzeRequest:
-        if self.period_start and self.period_end and self.period_end < self.period_start:
-            raise ValueError("period_end must not be before period_start")
+        if self.period_start and self.period_end:
+            if self.period_end < self.period_start:
+                raise ValueError("period_end must not be before period_start")
+            if (self.period_end - self.period_start).days + 1 > MAX_PERIOD_DAYS:
+                raise ValueError(f"a period spans at most {MAX_PERIOD_DAYS} days")
         return self
 
     def payload(self) -> dict[str, Any]:

@@ -110,7 +110,58 @@ def main(mode: str, argv: list[str]) -> int:
 
 
 def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -> Any:
+    """uvicorn with its limits set deliberately (docs/http.md, "Limits"):
+
+    - a request's headers must arrive within `header_timeout_seconds` of the
+      connection opening (or of the previous response): uvicorn has no such
+      timeout, and a client trickling a header byte at a time would hold its
+      connection for ever.  The guard below is a subclass of uvicorn's h11
+      protocol that closes the connection when the deadline passes;
+    - an idle keep-alive connection is closed after `keep_alive_seconds`;
+    - at most `max_connections` connections and tasks at once, then 503;
+    - headers still incomplete past `max_header_bytes` are refused (h11's
+      limit on its buffer: headers that arrive whole are not measured).
+    """
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    header_timeout = settings.header_timeout_seconds
+
+    class _HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.transport is not None and not self.transport.is_closing():
+                log.info("closed a connection whose request headers did not arrive in time")
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in; the body's pace is the app's business
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport is not None and not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets the same deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -121,11 +172,15 @@ def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -
         app,
         host=settings.host,
         port=settings.port,
+        http=_HeaderDeadline,
         log_config=None,  # our JSON-lines handler on the root logger (kyrie_engine.logs)
         access_log=False,  # the request middleware writes a richer access line
         lifespan="on",
         server_header=False,
         timeout_graceful_shutdown=round(settings.shutdown_grace_seconds),
+        timeout_keep_alive=settings.keep_alive_seconds,
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     return _Server(config)
 

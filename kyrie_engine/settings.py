@@ -150,6 +150,23 @@ class Settings(DatabaseSettings):
     def _keep_period(cls, value: object) -> object:
         return parse_keep(value) if isinstance(value, str) else value
 
+    # The HTTP server's limits against slow or greedy clients (kyrie_engine.service._uvicorn_server).
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300,
+        validation_alias=_env("KYRIE_HEADER_TIMEOUT_SECONDS", "header_timeout_seconds"),
+    )
+    keep_alive_seconds: int = Field(
+        default=5, ge=1, le=300, validation_alias=_env("KYRIE_KEEP_ALIVE_SECONDS", "keep_alive_seconds")
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, le=100_000,
+        validation_alias=_env("KYRIE_MAX_CONNECTIONS", "max_connections"),
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, le=1024 * 1024,
+        validation_alias=_env("KYRIE_MAX_HEADER_BYTES", "max_header_bytes"),
+    )
+
     @field_validator("internal_secret")
     @classmethod
     def _valid_secret(cls, value: SecretStr | None) -> SecretStr | None:

@@ -199,23 +199,31 @@ def tool_results(messages: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cfo_report(seen: dict[str, Any], *, wrong_by: float = 0.0) -> dict[str, Any]:
-    """A report that cites figures exactly as the tools returned them (or one off by `wrong_by`).
+    """A report that cites figures by reference, as the prompt asks (or, with `wrong_by`, writes
+    the first one itself as a numeral, off by that much: the check must refuse it).
 
-    The narrative holds no numbers, so only the citations are checked; one
-    send_invoice action for the contract with the most unbilled value.
+    One send_invoice action for the contract with the most unbilled value.
     """
     contracts = seen["contract_figures"]["contracts"]
     totals = seen["currency_totals"]["totals"]
-    figures: list[dict[str, Any]] = [
-        {"contract_id": c["contract_id"], "figure": figure, "value": c[figure]}
-        for c in contracts
-        for figure in ("hours_logged", "unbilled_value", "budget_used_pct")
+
+    def ref(name: str) -> str:
+        return "{" + name + "}"
+
+    sentences = [
+        f"{ref(f'contract:{c}.title')} logged {ref(f'contract:{c}.hours_logged')} hours, with "
+        f"{ref(f'contract:{c}.unbilled_value')} {ref(f'contract:{c}.currency')} unbilled."
+        for c in (row["contract_id"] for row in contracts)
     ]
-    figures += [
-        {"currency": t["currency"], "figure": "billable_value", "value": t["billable_value"]} for t in totals
+    sentences += [
+        f"Billable in {ref(f'total:{t}.currency')}: {ref(f'total:{t}.billable_value')}."
+        for t in (row["currency"] for row in totals)
     ]
-    if wrong_by:
-        figures[0]["value"] = (figures[0]["value"] or 0) + wrong_by
+    narrative = "Unbilled work is the main lever this quarter. " + " ".join(sentences)
+    if wrong_by and contracts:
+        first = contracts[0]
+        written = f"{(first['hours_logged'] or 0) + wrong_by:g}"
+        narrative = narrative.replace(ref(f"contract:{first['contract_id']}.hours_logged"), written, 1)
     unbilled = [c for c in contracts if (c["unbilled_value"] or 0) > 0]
     actions = []
     if unbilled:
@@ -224,15 +232,11 @@ def cfo_report(seen: dict[str, Any], *, wrong_by: float = 0.0) -> dict[str, Any]
             {
                 "type": "send_invoice",
                 "contract_id": top["contract_id"],
-                "title": f"Invoice {top['client_name']}",
+                "title": "Invoice " + ref(f"contract:{top['contract_id']}.client_name"),
                 "reason": "Billable work in the period is not invoiced yet.",
             }
         )
-    return {
-        "narrative": "Unbilled work is the main lever this quarter; the cited figures show where it sits.",
-        "figures": figures,
-        "actions": actions,
-    }
+    return {"narrative": narrative, "actions": actions}
 
 
 def cfo_brain(body: dict[str, Any], *, wrong_by: float = 0.0) -> Reply:

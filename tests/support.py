@@ -13,9 +13,16 @@ from typing import Any
 import asyncpg
 
 
-async def new_user(conn: asyncpg.Connection, email: str | None = None) -> uuid.UUID:
+async def new_user(
+    conn: asyncpg.Connection, email: str | None = None, *, confirmed: bool = True
+) -> uuid.UUID:
+    """A user whose address is confirmed (as after Supabase's sign-up link) unless told otherwise."""
     email = email or f"user-{uuid.uuid4().hex[:8]}@example.test"
-    return await conn.fetchval("insert into auth.users (email) values ($1) returning id", email)
+    return await conn.fetchval(
+        "insert into auth.users (email, email_confirmed_at) values ($1, case when $2 then now() end) "
+        "returning id",
+        email, confirmed,
+    )
 
 
 async def new_workspace(conn: asyncpg.Connection, owner: uuid.UUID, name: str = "Studio") -> uuid.UUID:

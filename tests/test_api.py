@@ -34,6 +34,9 @@ class World:
     def analyze_body(self, **changes: Any) -> dict[str, Any]:
         return {"workspace_id": str(self.workspace), "user_id": str(self.member), **changes}
 
+    def as_member(self) -> dict[str, str]:
+        return {**AUTH, "X-Kyrie-User-Id": str(self.member)}
+
 
 @pytest.fixture
 async def world(db: asyncpg.Connection, db_dsn: str) -> AsyncIterator[World]:
@@ -270,7 +273,7 @@ async def test_an_unknown_workspace_is_404_and_a_stranger_403(world: World) -> N
 async def test_routing_errors_are_json(world: World, method, path, status, allow) -> None:  # type: ignore[no-untyped-def]
     job = (await queue.enqueue(world.db, "cfo.analyze", {}, workspace_id=world.workspace)).id
     url = path.format(job=job, unknown=uuid.uuid4())
-    response = await world.client.request(method, url, headers=AUTH)
+    response = await world.client.request(method, url, headers=world.as_member())
     assert_error_contract(response, status)
     if allow:
         assert allow in response.headers["allow"]
@@ -284,7 +287,7 @@ async def test_a_job_reads_back_with_its_state(world: World) -> None:
     job_id = (await world.client.post("/ai/cfo/analyze", json=world.analyze_body(), headers=AUTH)).json()[
         "job_id"
     ]
-    response = await world.client.get(f"/ai/jobs/{job_id}", headers=AUTH)
+    response = await world.client.get(f"/ai/jobs/{job_id}", headers=world.as_member())
     assert response.status_code == 200
     job = response.json()
     assert job["id"] == job_id and job["status"] == "pending" and job["kind"] == "cfo.analyze"
@@ -294,7 +297,7 @@ async def test_a_job_reads_back_with_its_state(world: World) -> None:
     assert "lease_owner" not in job and "payload" not in job
 
 
-async def test_user_id_limits_a_job_to_the_members_of_its_workspace(world: World) -> None:
+async def test_the_user_header_limits_a_job_to_the_members_of_its_workspace(world: World) -> None:
     job_id = (await world.client.post("/ai/cfo/analyze", json=world.analyze_body(), headers=AUTH)).json()[
         "job_id"
     ]
@@ -303,11 +306,11 @@ async def test_user_id_limits_a_job_to_the_members_of_its_workspace(world: World
             if status == 200 and path:
                 continue  # the stream and the cancel are tried by the stranger only
             response = await world.client.request(
-                method, f"/ai/jobs/{job_id}{path}", params={"user_id": str(user)}, headers=AUTH
+                method, f"/ai/jobs/{job_id}{path}", headers={**AUTH, "X-Kyrie-User-Id": str(user)}
             )
             assert response.status_code == status, (user, path)
-    bad = await world.client.get(f"/ai/jobs/{job_id}", params={"user_id": "me"}, headers=AUTH)
-    assert assert_error_contract(bad, 422)["errors"][0]["field"] == "query.user_id"
+    bad = await world.client.get(f"/ai/jobs/{job_id}", headers={**AUTH, "X-Kyrie-User-Id": "me"})
+    assert assert_error_contract(bad, 422)["errors"][0]["field"] == "header.X-Kyrie-User-Id"
     job = await queue.get_job(world.db, uuid.UUID(job_id))
     assert job is not None and job.status == "pending"  # the stranger's cancel changed nothing
 
@@ -316,16 +319,16 @@ async def test_cancel_a_pending_job_then_again_and_a_finished_one_is_409(world: 
     job_id = (await world.client.post("/ai/cfo/analyze", json=world.analyze_body(), headers=AUTH)).json()[
         "job_id"
     ]
-    first = await world.client.post(f"/ai/jobs/{job_id}/cancel", headers=AUTH)
+    first = await world.client.post(f"/ai/jobs/{job_id}/cancel", headers=world.as_member())
     assert first.status_code == 200 and first.json()["status"] == "cancelled"
-    again = await world.client.post(f"/ai/jobs/{job_id}/cancel", headers=AUTH)
+    again = await world.client.post(f"/ai/jobs/{job_id}/cancel", headers=world.as_member())
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
 
     done = await queue.enqueue(world.db, "cfo.analyze", {}, workspace_id=world.workspace)
     claimed = await queue.claim_jobs(world.db, "test-worker", {"cfo.analyze": 1}, 1, 60)
     assert [c.id for c in claimed] == [done.id]
     assert await queue.complete_job(world.db, done.id, "test-worker", 1, {"ok": True})
-    finished = await world.client.post(f"/ai/jobs/{done.id}/cancel", headers=AUTH)
+    finished = await world.client.post(f"/ai/jobs/{done.id}/cancel", headers=world.as_member())
     assert "completed" in assert_error_contract(finished, 409)["message"]
     job = await queue.get_job(world.db, done.id)
     assert job is not None and job.status == "completed"
@@ -347,7 +350,7 @@ async def test_metrics_count_requests_and_read_jobs_from_the_database(world: Wor
     await wait_ready(world.client)
     await world.client.post("/ai/cfo/analyze", json=world.analyze_body(), headers=AUTH)
     await world.client.post("/ai/cfo/analyze", json=world.analyze_body(), headers={})
-    await world.client.get(f"/ai/jobs/{uuid.uuid4()}", headers=AUTH)
+    await world.client.get(f"/ai/jobs/{uuid.uuid4()}", headers=world.as_member())
     response = await world.client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -455,7 +458,9 @@ async def test_an_unexpected_error_is_a_bare_500_with_the_request_id(
     app = build_app(settings_for(db_dsn), pool=pool)
     caplog.set_level(logging.INFO)
     async with asgi_client(app) as client:
-        response = await client.get(f"/ai/jobs/{uuid.uuid4()}", headers=AUTH)
+        response = await client.get(
+            f"/ai/jobs/{uuid.uuid4()}", headers={**AUTH, "X-Kyrie-User-Id": str(uuid.uuid4())}
+        )
     body = assert_error_contract(response, 500)
     assert body == {"message": "internal error", "request_id": response.headers["x-request-id"]}
     errors = [r for r in caplog.records if r.getMessage() == "unhandled error"]
@@ -471,7 +476,12 @@ async def test_with_the_database_down_routes_answer_503_and_readyz_says_why(
     async with asgi_client(build(dsn, db_timeout_seconds=2)) as client:
         assert (await wait_ready(client)).status_code == 200
         own_server.stop()
-        body = assert_error_contract(await client.get(f"/ai/jobs/{uuid.uuid4()}", headers=AUTH), 503)
+        body = assert_error_contract(
+            await client.get(
+                f"/ai/jobs/{uuid.uuid4()}", headers={**AUTH, "X-Kyrie-User-Id": str(uuid.uuid4())}
+            ),
+            503,
+        )
         assert "database" in body["message"]
         analyze = await client.post(
             "/ai/cfo/analyze", headers=AUTH,
@@ -486,3 +496,25 @@ async def test_with_the_database_down_routes_answer_503_and_readyz_says_why(
         own_server.start()
         # The listener reconnects with backoff; the pool replaces its dead connections.
         assert (await wait_ready(client)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ['quote"in-the-middle-of-a-long-secret-value', "back\\slash-in-the-middle-of-a-long-secret",
+     'both\\"-and-\\\\-and-"-in-a-long-secret-value', "unicode-é-and-\u2028-line-separator-in-a-secret"],
+    ids=["quote", "backslash", "both", "unicode"],
+)
+def test_secrets_with_json_escapes_are_masked_before_encoding(secret: str) -> None:
+    from kyrie_engine.logs import JsonLines
+
+    formatter = JsonLines([secret])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "leaked %s here", (secret,), None)
+    record.detail = {"nested": [f"also {secret}"], "n": 1}  # an `extra=` field, structured
+    record.other = Exception(f"boom {secret}")  # anything json.dumps would str()
+    line = formatter.format(record)
+    decoded = json.loads(line)
+    assert decoded["msg"] == "leaked [redacted] here"
+    assert decoded["detail"] == {"nested": ["also [redacted]"], "n": 1}
+    assert decoded["other"] == "boom [redacted]"
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    assert secret not in line and escaped not in line and secret not in decoded.values()

@@ -20,6 +20,10 @@ from kyrie_engine.events import APPLICATION_NAME
 from kyrie_engine.worker import JobContext, Worker
 
 AUTH = {"X-Internal-Secret": SECRET}
+
+
+def as_user(user: uuid.UUID) -> dict[str, str]:
+    return {**AUTH, "X-Kyrie-User-Id": str(user)}
 KIND = "cfo.analyze"
 
 
@@ -51,8 +55,10 @@ class Stream:
 
 
 @asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, job_id: uuid.UUID) -> AsyncIterator[Stream]:
-    async with client.stream("GET", f"/ai/jobs/{job_id}/events", headers=AUTH) as response:
+async def open_stream(
+    client: httpx.AsyncClient, job_id: uuid.UUID, user: uuid.UUID
+) -> AsyncIterator[Stream]:
+    async with client.stream("GET", f"/ai/jobs/{job_id}/events", headers=as_user(user)) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-request-id"]
@@ -85,7 +91,7 @@ async def test_the_stream_follows_a_job_run_by_a_worker_to_its_end(
             "/ai/cfo/analyze", json={"workspace_id": str(workspace), "user_id": str(user)}, headers=AUTH
         )
         job_id = uuid.UUID(posted.json()["job_id"])
-        async with open_stream(client, job_id) as stream:
+        async with open_stream(client, job_id, user) as stream:
             seen = [await stream.next_job()]
             assert seen[0] is not None and seen[0]["status"] == "pending" and seen[0]["id"] == str(job_id)
             await asyncio.sleep(1.5)  # idle: keep-alive comments flow (counted as they are read)
@@ -118,33 +124,33 @@ async def test_the_stream_follows_a_job_run_by_a_worker_to_its_end(
 async def test_a_cancel_ends_the_stream_and_a_finished_job_streams_once(
     db: asyncpg.Connection, db_dsn: str
 ) -> None:
-    workspace, _ = await _workspace(db)
+    workspace, user = await _workspace(db)
     job = await queue.enqueue(db, KIND, {}, workspace_id=workspace)
     done = await queue.enqueue(db, "other.kind", {}, workspace_id=workspace)
     await queue.claim_jobs(db, "w", {"other.kind": 1}, 1, 60)
     await queue.complete_job(db, done.id, "w", 1, {"n": 1})
     async with served(build(db_dsn)) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async with open_stream(client, job.id) as stream:
+        async with open_stream(client, job.id, user) as stream:
             first = await stream.next_job()
             assert first is not None and first["status"] == "pending"
-            assert (await client.post(f"/ai/jobs/{job.id}/cancel", headers=AUTH)).status_code == 200
+            assert (await client.post(f"/ai/jobs/{job.id}/cancel", headers=as_user(user))).status_code == 200
             last = await stream.next_job()
             assert last is not None and last["status"] == "cancelled"
             assert await stream.next_job() is None
-        async with open_stream(client, done.id) as stream:
+        async with open_stream(client, done.id, user) as stream:
             only = await stream.next_job()
             assert only is not None and only["status"] == "completed" and only["result"] == {"n": 1}
             assert await stream.next_job() is None
 
 
 async def test_a_client_that_goes_away_frees_its_follower(db: asyncpg.Connection, db_dsn: str) -> None:
-    workspace, _ = await _workspace(db)
+    workspace, user = await _workspace(db)
     job = await queue.enqueue(db, KIND, {}, workspace_id=workspace)
     app = build(db_dsn)
     events = app.state.runtime.events
     async with served(app) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            async with open_stream(client, job.id) as stream:
+            async with open_stream(client, job.id, user) as stream:
                 assert await stream.next_job() is not None
                 assert events.follower_count == 1
                 metrics = (await client.get("/metrics")).text
@@ -159,12 +165,12 @@ async def test_a_client_that_goes_away_frees_its_follower(db: asyncpg.Connection
 async def test_the_stream_survives_the_loss_of_the_listen_connection(
     db: asyncpg.Connection, db_dsn: str
 ) -> None:
-    workspace, _ = await _workspace(db)
+    workspace, user = await _workspace(db)
     job = await queue.enqueue(db, KIND, {}, workspace_id=workspace)
     app = build(db_dsn)
     events = app.state.runtime.events
     async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async with open_stream(client, job.id) as stream:
+        async with open_stream(client, job.id, user) as stream:
             assert await stream.next_job() is not None
             before = events.reconnects
             killed = await db.fetchval(
@@ -185,13 +191,17 @@ async def test_the_stream_survives_the_loss_of_the_listen_connection(
             assert await stream.next_job() is None
 
 
-async def test_without_a_listen_connection_events_are_503_and_readyz_says_disabled(db_dsn: str) -> None:
+async def test_without_a_listen_connection_events_are_503_and_readyz_says_disabled(
+    db: asyncpg.Connection, db_dsn: str
+) -> None:
     """DATABASE_URL marked as a transaction pooler: no LISTEN, so no live events (but ready)."""
+    workspace, user = await _workspace(db)
+    job = await queue.enqueue(db, KIND, {}, workspace_id=workspace)
     app = build_app(settings_for(db_dsn + "?pgbouncer=true"))
     async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         ready = await client.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"] == {"database": True, "listener": "disabled"}
-        response = await client.get(f"/ai/jobs/{uuid.uuid4()}/events", headers=AUTH)
+        response = await client.get(f"/ai/jobs/{job.id}/events", headers=as_user(user))
         assert response.status_code == 503
         assert "KYRIE_LISTEN_DATABASE_URL" in response.json()["message"]

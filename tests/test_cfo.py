@@ -54,6 +54,17 @@ from kyrie_engine.db import acting_as
 from kyrie_engine.seed import seed_studio
 
 
+def cited_row(result: dict[str, Any], cite: dict[str, Any]) -> dict[str, Any]:
+    """The stored row a citation names: a contract's figures, a currency's totals, an anomaly, the period."""
+    if "contract_id" in cite:
+        return by_id(result["figures"])[cite["contract_id"]]
+    if "currency" in cite:
+        return by_id(result["totals"], "currency")[cite["currency"]]
+    if "anomaly" in cite:
+        return dict(result["anomalies"][cite["anomaly"] - 1])
+    return dict(result["period"])
+
+
 def by_id(rows: list[dict[str, Any]], key: str = "contract_id") -> dict[str, dict[str, Any]]:
     return {row[key]: row for row in rows}
 
@@ -88,11 +99,12 @@ async def test_figures_match_hand_worked_values_and_an_independent_reckoning(
         assert mismatches(truth.contracts[books.contracts[name]], expected) == {}, name
     assert truth.anomalies == hand_anomalies(books)
 
-    # Every citation the model made is the stored figure.
+    # Every reference the model wrote was rendered from the stored figure, and none is left.
     assert result["citations"]
     for cite in result["citations"]:
-        row = stored[cite["contract_id"]] if "contract_id" in cite else totals[cite["currency"]]
-        assert row[cite["figure"]] == cite["value"], cite
+        assert cited_row(result, cite)[cite["figure"]] == cite["value"], cite
+    assert "{" not in result["narrative"] and "}" not in result["narrative"]
+    assert "9" in result["narrative"]  # EUR hours logged, written by the engine
 
 
 async def test_seeded_studio_figures_match_an_independent_reckoning(
@@ -268,7 +280,7 @@ async def test_a_job_for_a_non_member_fails_for_good_and_writes_nothing(
 # 3. the report check
 
 
-async def test_a_wrong_figure_is_caught_and_the_model_asked_again(
+async def test_a_figure_written_as_a_numeral_is_refused_and_the_model_asked_again(
     db_dsn: str, db: asyncpg.Connection
 ) -> None:
     books = await build_books(db)
@@ -276,10 +288,9 @@ async def test_a_wrong_figure_is_caught_and_the_model_asked_again(
     assert job["status"] == "completed", job["error"]
     result = job["result"]
     assert result["questions"] == 2 and job["usage"]["questions"] == 2
-    stored, totals = by_id(result["figures"]), by_id(result["totals"], "currency")
+    totals = by_id(result["totals"], "currency")
     for cite in result["citations"]:
-        row = stored[cite["contract_id"]] if "contract_id" in cite else totals[cite["currency"]]
-        assert row[cite["figure"]] == cite["value"], cite
+        assert cited_row(result, cite)[cite["figure"]] == cite["value"], cite
     assert mismatches(totals["USD"], HAND_TOTALS["USD"]) == {}
 
 
@@ -291,8 +302,8 @@ async def test_a_model_that_keeps_misreporting_fails_the_job_without_actions(
     job = await analyse(db_dsn, db, books.workspace_id, books.owner, cfo=cfo, max_attempts=3)
     assert job["status"] == "failed" and job["attempts"] == 1
     assert "failed validation 2 times" in job["error"]
-    # The first citation is EUR hours_logged (9), reported as 10.
-    assert "figures[0]: hours_logged is 9.0 according to the tools, not 10.0" in job["error"]
+    # The first figure is EUR hours_logged (9), written as a numeral instead of cited.
+    assert "narrative writes '9.00': write no numbers" in job["error"]
     assert job["result"] is None
     assert await actions_of(db) == []
 
@@ -535,3 +546,21 @@ async def test_an_open_period_is_resolved_to_the_dates_it_covers(db_dsn: str, db
     assert job["result"]["period"] == {"start": START.isoformat(), "end": END.isoformat()}
     stored = by_id(job["result"]["figures"])
     assert mismatches(stored[str(books.contracts["web"])], HAND_FIGURES["web"]) == {}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"period_start": "9999-12-01"}, {"period_end": "0001-01-02"},
+     {"period_start": "9999-12-31", "period_end": None}],
+    ids=["start-9999", "end-year-1", "start-last-day"],
+)
+async def test_a_period_that_leaves_the_calendar_fails_once_for_good(
+    db_dsn: str, db: asyncpg.Connection, payload: dict[str, Any]
+) -> None:
+    """Written past the API (which refuses it with a 422): no attempt can succeed, so none is retried."""
+    books = await build_books(db)
+    job = await analyse(db_dsn, db, books.workspace_id, books.owner, payload, max_attempts=5)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "the period cannot be resolved" in job["error"]
+    assert job["usage"] in ({}, None) or not job["usage"].get("total_tokens")
+    assert await actions_of(db) == []

@@ -9,6 +9,7 @@ refactor would break silently.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -360,3 +361,104 @@ async def test_owners_and_admins_withdraw_pending_invites(db: asyncpg.Connection
     async with acting_as(db, team.admin):
         assert await db.fetchval("select public.revoke_invites($1)", team.workspace) == 3
     assert await redeem(db, await new_user(db), tokens[0]) == "KY001"
+
+
+# ---------------------------------------------------------------------------
+# the 30-day cap is on the expiry (issue 11, finding 3)
+
+
+@pytest.mark.parametrize(
+    "valid_for",
+    ["1000 years -359970 days", "12 months -330 days", "30 days 1 second", "721 hours",
+     "1 year", "-1 second", "0", "1 month -31 days", "300000 years", "-300000 years"],
+)
+async def test_an_interval_that_lands_past_30_days_is_refused(db: asyncpg.Connection, valid_for: str) -> None:
+    """Compared as intervals (a month 30 days, a year 360) the first two pass; their expiry does not."""
+    team = await new_team(db)
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        await create_invite(db, team.owner, team.workspace, valid_for=valid_for)
+    assert raised.value.sqlstate == BAD_ARGUMENT
+    assert "at most 30 days" in str(raised.value)
+    assert await state(db, team.workspace) == (3, 0)
+
+
+async def test_one_month_is_refused_when_it_is_longer_than_30_days(db: asyncpg.Connection) -> None:
+    """'1 month' from the 1st of December is 31 days; from a day in February it would be fewer."""
+    team = await new_team(db)
+    longer = await db.fetchval("select now() + interval '1 month' > now() + interval '30 days'")
+    if not longer:
+        pytest.skip("this month plus one is not longer than 30 days today")
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        await create_invite(db, team.owner, team.workspace, valid_for="1 month")
+    assert raised.value.sqlstate == BAD_ARGUMENT
+    assert await state(db, team.workspace) == (3, 0)
+
+
+@pytest.mark.parametrize(
+    "valid_for", ["30 days", "720 hours", "29 days 23:59:59", "1 second", "1 month -2 days"]
+)
+async def test_up_to_30_days_of_expiry_is_accepted(db: asyncpg.Connection, valid_for: str) -> None:
+    team = await new_team(db)
+    token = await create_invite(db, team.owner, team.workspace, valid_for=valid_for)
+    expires = await db.fetchval(
+        "select expires_at - created_at from public.invites where token_hash = $1", token_hash(token)
+    )
+    assert expires <= dt.timedelta(days=30)
+
+
+# ---------------------------------------------------------------------------
+# email binding folds ASCII case only, on the confirmed address (issue 11, finding 4)
+
+
+@pytest.mark.parametrize(
+    ("bound", "address", "redeems"),
+    [
+        ("kate@corp.test", "kate@corp.test", True),
+        ("kate@corp.test", "KATE@Corp.TEST", True),
+        ("KATE@corp.test", "kate@corp.test", True),
+        ("kate@corp.test", "\u212aate@corp.test", False),  # KELVIN SIGN: lower() makes it "k"
+        ("\u212aate@corp.test", "kate@corp.test", False),
+        ("kate@corp.test", "\u212aATE@corp.test", False),
+        ("istanbul@corp.test", "\u0130stanbul@corp.test", False),  # dotted capital I
+        ("strasse@corp.test", "stra\u00dfe@corp.test", False),  # sharp s
+        ("kate@corp.test", "kate@corp.test\u200b", False),  # zero-width space
+        ("kate@corp.test", "k\u0430te@corp.test", False),  # Cyrillic a
+        ("\u00e9mile@corp.test", "\u00c9mile@corp.test", False),  # no folding beyond ASCII
+    ],
+)
+async def test_the_bound_address_matches_ascii_case_insensitively_and_nothing_more(
+    db: asyncpg.Connection, bound: str, address: str, redeems: bool
+) -> None:
+    team = await new_team(db)
+    token = await create_invite(db, team.owner, team.workspace, email=bound)
+    joiner = await new_user(db, address)
+    # The claim says the bound address: what counts is the confirmed one.
+    result = await redeem(db, joiner, token, email=bound)
+    if redeems:
+        assert not isinstance(result, str)
+        assert await state(db, team.workspace) == (4, 0)
+    else:
+        assert result == WRONG_EMAIL
+        assert await state(db, team.workspace) == (3, 1)
+        assert await role_of(db, team.workspace, joiner) is None
+
+
+@pytest.mark.parametrize("case", ["unconfirmed", "claim-only", "claim-kelvin"])
+async def test_the_confirmed_address_wins_over_the_token_claim(db: asyncpg.Connection, case: str) -> None:
+    team = await new_team(db)
+    token = await create_invite(db, team.owner, team.workspace, email="kate@corp.test")
+    if case == "unconfirmed":  # the right address, never confirmed
+        joiner = await new_user(db, "kate@corp.test", confirmed=False)
+        claim = "kate@corp.test"
+    elif case == "claim-only":  # a token claiming the address of another account
+        joiner = await new_user(db, "eve@corp.test")
+        claim = "kate@corp.test"
+    else:
+        joiner = await new_user(db, "\u212aate@corp.test")
+        claim = "kate@corp.test"
+    assert await redeem(db, joiner, token, email=claim) == WRONG_EMAIL
+    assert await state(db, team.workspace) == (3, 1)
+    # The invite survived for the right person.
+    kate = await new_user(db, "Kate@corp.test")
+    assert not isinstance(await redeem(db, kate, token, email=None), str)
+    assert await role_of(db, team.workspace, kate) == "member"

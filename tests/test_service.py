@@ -145,7 +145,8 @@ def test_api_serves_then_stops_gracefully_on_sigterm(db_dsn: str, pooler: bool) 
         assert wrong.status_code == 401
         if not pooler:  # an open event stream does not hold the shutdown up
             job_id = response.json()["job_id"]
-            with httpx.stream("GET", f"{base}/ai/jobs/{job_id}/events", headers={"X-Internal-Secret": SECRET},
+            with httpx.stream("GET", f"{base}/ai/jobs/{job_id}/events",
+                              headers={"X-Internal-Secret": SECRET, "X-Kyrie-User-Id": user},
                               timeout=30) as stream:
                 lines = stream.iter_lines()
                 assert next(line for line in lines if line.startswith("event:")) == "event: job"
@@ -181,7 +182,8 @@ def test_serve_runs_the_worker_in_the_same_process(db_dsn: str) -> None:
         attempts = 0
         while time.monotonic() < deadline and attempts == 0:
             time.sleep(0.2)
-            job = httpx.get(f"{base}/ai/jobs/{job_id}", headers={"X-Internal-Secret": SECRET}, timeout=10)
+            job = httpx.get(f"{base}/ai/jobs/{job_id}", timeout=10,
+                            headers={"X-Internal-Secret": SECRET, "X-Kyrie-User-Id": user})
             attempts = job.json()["attempts"]
         # Claimed by the in-process worker (what the analysis then does is not this test's business);
         # SIGTERM below lets it finish or hands it back within the grace period.

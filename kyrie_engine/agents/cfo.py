@@ -2,8 +2,9 @@
 
     reading contracts   the payload gives the scope; the user must still be a member
     analysing           the CrewAI agent runs in a thread; its tools read the figures
-                        as the user (RLS); its answer is checked against them and,
-                        when it fails, the model is asked again with the reason
+                        as the user (RLS); its answer cites them by reference and
+                        the engine writes every number; when it fails, the model
+                        is asked again with the reason
     writing actions     in ONE transaction: the proposed ai_actions, and the job's
                         completion with the report and the model's token usage
 
@@ -36,7 +37,7 @@ from kyrie_engine.agents.errors import ModelRateLimited, ModelRefused
 from kyrie_engine.agents.figures import AnalysisRequest, FigureReader, Scope, plain
 from kyrie_engine.agents.report import (
     Ledger,
-    ModelReport,
+    RenderedReport,
     ReportInvalid,
     action_payload,
     check,
@@ -196,12 +197,17 @@ class CFOAnalysis:
             first = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             raise PermanentFailure(f"invalid {KIND} payload: {where}: {first['msg']}") from None
-        return Scope.of(job.workspace_id, job.user_id, request, self.today())
+        try:
+            return Scope.of(job.workspace_id, job.user_id, request, self.today())
+        except (OverflowError, ValueError) as exc:
+            # Dates whose window leaves the calendar (a payload written by hand,
+            # or from before the API bounded them): no attempt can succeed.
+            raise PermanentFailure(f"invalid {KIND} payload: the period cannot be resolved ({exc})") from None
 
     async def _analyse(
         self, job: JobContext, reader: FigureReader, run: _Run, stop: threading.Event
-    ) -> ModelReport:
-        """Ask, check, ask again with the reason; the last reason is the job's error."""
+    ) -> RenderedReport:
+        """Ask, check and render, ask again with the reason; the last reason is the job's error."""
         feedback: str | None = None
         loop = asyncio.get_running_loop()
         # CrewAI takes seconds to import, once per process: in the job's wall
@@ -224,9 +230,7 @@ class CFOAnalysis:
                 run.tool_sql_seconds += reader.sql_seconds - sql_before
                 run.questions = question
             try:
-                report = parse_answer(answer)
-                check(report, run.ledger)
-                return report
+                return check(parse_answer(answer), run.ledger, reader.scope)
             except ReportInvalid as exc:
                 feedback = str(exc)
         raise PermanentFailure(
@@ -236,7 +240,7 @@ class CFOAnalysis:
     def _result(
         self,
         scope: Scope,
-        report: ModelReport,
+        report: RenderedReport,
         run: _Run,
         reader: FigureReader,
         actions: list[dict[str, Any]],
@@ -252,7 +256,7 @@ class CFOAnalysis:
                 "figures": list(ledger.contracts.values()),
                 "totals": list(ledger.totals.values()),
                 "anomalies": ledger.anomalies,
-                "citations": [c.model_dump(exclude_none=True) for c in report.figures],
+                "citations": [c.as_dict() for c in report.citations],
                 "actions": [
                     {k: a[k] for k in ("id", "type", "contract_id", "title", "reason", "payload")}
                     for a in actions

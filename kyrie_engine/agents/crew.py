@@ -19,7 +19,7 @@ from typing import Any
 from crewai import Agent, Crew, Process, Task
 from crewai.crews.crew_output import CrewOutput
 
-from kyrie_engine.agents.report import ACTION_TYPES, CONTRACT_FIGURES, TOTAL_FIGURES
+from kyrie_engine.agents.report import ACTION_RULES, ANOMALY_FIELDS, CONTRACT_FIELDS, TOTAL_FIELDS
 from kyrie_engine.agents.tools import ToolRuntime, cfo_tools
 
 ROLE = "Fractional CFO"
@@ -34,7 +34,7 @@ BACKSTORY = (
 )
 
 TASK = """\
-Analyse this workspace's contracts for the period {period_start} to {period_end}{scope}.
+Analyse this workspace's contracts for the analysis period{scope}.
 
 1. Call contract_figures, currency_totals and worklog_anomalies. They take no arguments: the workspace,
    the period and the contracts are fixed by the engine.
@@ -45,45 +45,43 @@ Analyse this workspace's contracts for the period {period_start} to {period_end}
 3. Answer with ONE JSON object and nothing else:
 {{
   "narrative": "a few short paragraphs for the owner: where the money is, what is at risk, what to do",
-  "figures": [
-    {{"contract_id": "<id from contract_figures>", "figure": "<figure name>",
-      "value": <as the tool returned it>}},
-    {{"currency": "<currency>", "figure": "<total name>", "value": <as currency_totals returned it>}}
-  ],
   "actions": [
     {{"type": "<action type>", "contract_id": "<id from contract_figures>",
       "title": "<short imperative>", "reason": "<one or two sentences>"}}
   ]
 }}
 
-Numbers: copy every number exactly from a tool result (in prose you may round it to fewer decimals);
-never add, subtract, convert or estimate one. List in "figures" each number the narrative relies on.
-Contract figure names: {contract_figures}.
-Currency total names: {total_figures}.
-Action types: {action_types}. Propose actions only for contracts returned by contract_figures;
-send_invoice only where unbilled_hours > 0; flag_budget_overrun only for a contract with budget_hours.
+Numbers: you write none. No digits, no number words ("twelve", "a dozen"), no Roman numerals, in the
+narrative, titles and reasons alike. Wherever a figure, a date, a name or a count belongs, write a
+reference in braces and the engine writes the value from the tools' results:
+  {{contract:<contract_id>.<field>}}  fields: {contract_fields}
+  {{total:<currency>.<field>}}        fields: {total_fields}
+  {{anomaly:<n>.<field>}}             the anomaly whose "ref" is anomaly:<n>; fields: {anomaly_fields}
+  {{period.start}}, {{period.end}}
+For example: "{{contract:<id>.title}} has {{contract:<id>.unbilled_value}} {{contract:<id>.currency}} of
+unbilled work." Never compute a figure; cite the one the tools computed. Refer to a contract by its
+{{contract:<id>.title}}, never by its bare id.
+Action types, each with its rule; propose actions only for contracts returned by contract_figures:
+{action_rules}
 {feedback}"""
 
-EXPECTED_OUTPUT = "One JSON object with the keys narrative, figures and actions, and nothing else."
+EXPECTED_OUTPUT = "One JSON object with the keys narrative and actions, and nothing else."
 
 
 def task_description(runtime: ToolRuntime, feedback: str | None) -> str:
     scope = runtime.reader.scope
-    limited = (
-        "" if scope.contract_ids is None else f" (limited to {len(scope.contract_ids)} chosen contracts)"
-    )
+    limited = "" if scope.contract_ids is None else " (limited to the chosen contracts)"
     again = (
         f"\nYour previous answer was rejected: {feedback}\nAnswer again, fixing exactly that."
         if feedback
         else ""
     )
     return TASK.format(
-        period_start=scope.period_start,
-        period_end=scope.period_end,
         scope=limited,
-        contract_figures=", ".join(CONTRACT_FIGURES),
-        total_figures=", ".join(TOTAL_FIGURES),
-        action_types=", ".join(ACTION_TYPES),
+        contract_fields=", ".join(CONTRACT_FIELDS),
+        total_fields=", ".join(TOTAL_FIELDS),
+        anomaly_fields=", ".join(ANOMALY_FIELDS),
+        action_rules="\n".join(f"  {rule.type}: {rule.when}" for rule in ACTION_RULES.values()),
         feedback=again,
     )
 

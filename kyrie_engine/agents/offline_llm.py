@@ -11,13 +11,14 @@ words come from rules instead of a network:
 
 1. ask for contract_figures, currency_totals and worklog_anomalies at once;
 2. read the worklog notes of the contracts it will flag for budget;
-3. answer with a narrative, citations and actions computed from what the
-   tools returned (numbers copied, never computed).
+3. answer with a narrative and actions whose every figure, date and name
+   is a reference ({contract:<id>.unbilled_value}), rendered by the engine;
+   which actions, by the rules of ACTION_RULES (kyrie_engine.agents.report).
 
 For tests it can be scripted to misbehave: `gullible` follows contract ids
 it finds in worklog text (a prompt injection succeeding on the model, so the
-test can show the tools still refuse), and `misreport` gets a figure wrong
-in its first N answers (the report check must catch it).
+test can show the tools still refuse), and `misreport` writes its first figure
+as a numeral in its first N answers (the report check must refuse it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from crewai.llms.base_llm import BaseLLM
 from pydantic import PrivateAttr
 
 from kyrie_engine.agents.errors import AnalysisStopped
+from kyrie_engine.agents.report import ACTION_RULES
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _FIRST_TOOLS = ("contract_figures", "currency_totals", "worklog_anomalies")
@@ -130,43 +132,45 @@ class OfflineLLM(BaseLLM):
         ]
 
     def _report(self, seen: dict[str, Any]) -> dict[str, Any]:
+        """The narrative and actions, every figure, date and name written as a reference."""
         if "contract_figures" not in seen:
-            return {
-                "narrative": "No figures were available, so there is nothing to report.",
-                "figures": [],
-                "actions": [],
-            }
+            return {"narrative": "No figures were available, so there is nothing to report.", "actions": []}
         figures = seen["contract_figures"]
         contracts = figures["contracts"]
         totals = seen.get("currency_totals", {}).get("totals", [])
         anomalies = seen.get("worklog_anomalies", {}).get("anomalies", [])
-        cites: list[dict[str, Any]] = []
         paragraphs: list[list[str]] = [[], [], [], []]  # money, budgets and rates, invoices, housekeeping
         money, budgets, invoices, housekeeping = paragraphs
         actions: list[dict[str, Any]] = []
+        first_value: list[tuple[str, Any]] = []  # what `misreport` writes as a numeral instead
 
-        def cite(row: dict[str, Any], figure: str, key: str = "contract_id") -> str:
-            value = row[figure]
-            cites.append(
-                {
-                    key: row["contract_id" if key == "contract_id" else "currency"],
-                    "figure": figure,
-                    "value": value,
-                }
-            )
-            return value if isinstance(value, str) else _money(value)
+        def noted(reference: str, value: Any) -> str:
+            if not first_value and isinstance(value, int | float) and not isinstance(value, bool):
+                first_value.append((reference, value))
+            return reference
+
+        def ref(row: dict[str, Any], field: str) -> str:
+            return noted("{contract:%s.%s}" % (row["contract_id"], field), row[field])  # noqa: UP031
+
+        def total(row: dict[str, Any], field: str) -> str:
+            return noted("{total:%s.%s}" % (row["currency"], field), row[field])  # noqa: UP031
+
+        def propose(kind: str, c: dict[str, Any], title: str, reason: str) -> None:
+            if ACTION_RULES[kind].allows(c):
+                actions.append(
+                    {"type": kind, "contract_id": c["contract_id"], "title": title, "reason": reason}
+                )
 
         for t in totals:
             money.append(
-                f"In {t['currency']}, {cite(t, 'hours_logged', 'currency')} hours were logged in the period, "
-                f"worth {cite(t, 'billable_value', 'currency')} billable; "
-                f"{cite(t, 'unbilled_value', 'currency')} ({cite(t, 'unbilled_hours', 'currency')} hours) "
-                "is still unbilled."
+                f"In {total(t, 'currency')}, {total(t, 'hours_logged')} hours were logged in the period, "
+                f"worth {total(t, 'billable_value')} billable; "
+                f"{total(t, 'unbilled_value')} ({total(t, 'unbilled_hours')} hours) is still unbilled."
             )
 
         for c in _overrun(contracts):
-            name = f"{c['title']} for {c['client_name']}"
-            used, budget = cite(c, "budget_used_pct"), cite(c, "budget_hours")
+            name = f"{ref(c, 'title')} for {ref(c, 'client_name')}"
+            used, budget = ref(c, "budget_used_pct"), ref(c, "budget_hours")
             if c["over_budget"]:
                 sentence = f"{name} is over budget: {used}% of its {budget} budgeted hours used"
             else:
@@ -174,100 +178,66 @@ class OfflineLLM(BaseLLM):
             if c["budget_exhausted_on"]:
                 verb = "ran out on" if c["over_budget"] else "runs out on"
                 sentence += (
-                    f"; at {cite(c, 'burn_rate_hours_per_week')} hours a week the budget "
-                    f"{verb} {cite(c, 'budget_exhausted_on')}"
+                    f"; at {ref(c, 'burn_rate_hours_per_week')} hours a week the budget "
+                    f"{verb} {ref(c, 'budget_exhausted_on')}"
                 )
             budgets.append(sentence + ".")
-            actions.append(
-                {
-                    "type": "flag_budget_overrun",
-                    "contract_id": c["contract_id"],
-                    "title": f"Budget alert: {c['title']}",
-                    "reason": f"{used}% of {budget} budgeted hours used.",
-                }
-            )
+            propose("flag_budget_overrun", c, f"Budget alert: {ref(c, 'title')}",
+                    f"{used}% of {budget} budgeted hours used.")
 
         for c in _underpriced(contracts):
-            rate = cite(c, "effective_hourly_rate")
+            rate = ref(c, "effective_hourly_rate")
             budgets.append(
-                f"{c['title']} for {c['client_name']} now earns an effective {rate} "
-                f"{c['currency']} an hour on its fixed fee."
+                f"{ref(c, 'title')} for {ref(c, 'client_name')} now earns an effective {rate} "
+                f"{ref(c, 'currency')} an hour on its fixed fee."
             )
-            actions.append(
-                {
-                    "type": "renegotiate_rate",
-                    "contract_id": c["contract_id"],
-                    "title": f"Renegotiate {c['title']}",
-                    "reason": f"The fixed fee works out at {rate} {c['currency']} an hour, "
-                    "below the hourly rates of the workspace's other contracts.",
-                }
-            )
+            propose("renegotiate_rate", c, f"Renegotiate {ref(c, 'title')}",
+                    f"The fixed fee works out at {rate} {ref(c, 'currency')} an hour, "
+                    "below the hourly rates of the workspace's other contracts.")
 
         for c in sorted(
             (c for c in contracts if (c["unbilled_value"] or 0) > 0),
             key=lambda c: (-c["unbilled_value"], c["title"]),
         )[:3]:
-            value, hours = cite(c, "unbilled_value"), cite(c, "unbilled_hours")
-            invoices.append(f"{c['title']} has {value} {c['currency']} of unbilled work ({hours} hours).")
-            actions.append(
-                {
-                    "type": "send_invoice",
-                    "contract_id": c["contract_id"],
-                    "title": f"Invoice {c['client_name']}: {value} {c['currency']}",
-                    "reason": f"{hours} billable hours are not invoiced yet.",
-                }
-            )
+            value, hours, currency = ref(c, "unbilled_value"), ref(c, "unbilled_hours"), ref(c, "currency")
+            invoices.append(f"{ref(c, 'title')} has {value} {currency} of unbilled work ({hours} hours).")
+            propose("send_invoice", c, f"Invoice {ref(c, 'client_name')}: {value} {currency}",
+                    f"{hours} billable hours are not invoiced yet.")
 
         end = figures["period_end"]
         for c in contracts:
             if c["status"] == "active" and c["end_date"] and c["end_date"] < end:
-                housekeeping.append(f"{c['title']} ended on {cite(c, 'end_date')} but is still active.")
-                actions.append(
-                    {
-                        "type": "close_contract",
-                        "contract_id": c["contract_id"],
-                        "title": f"Close {c['title']}",
-                        "reason": "Its end date has passed.",
-                    }
-                )
+                housekeeping.append(f"{ref(c, 'title')} ended on {ref(c, 'end_date')} but is still active.")
+                propose("close_contract", c, f"Close {ref(c, 'title')}", "Its end date has passed.")
             elif c["status"] == "active" and not c["hours_logged"] and c["start_date"] <= end:
-                housekeeping.append(f"No time was logged on {c['title']} in the period.")
-                actions.append(
-                    {
-                        "type": "log_missing_time",
-                        "contract_id": c["contract_id"],
-                        "title": f"Log time on {c['title']}",
-                        "reason": "An active contract with no hours logged.",
-                    }
-                )
+                housekeeping.append(f"No time was logged on {ref(c, 'title')} in the period.")
+                propose("log_missing_time", c, f"Log time on {ref(c, 'title')}",
+                        "An active contract with no hours logged.")
 
-        titles = {c["contract_id"]: c["title"] for c in contracts}
+        by_id = {c["contract_id"]: c for c in contracts}
         kinds = {
-            "day_over_12h": "Days over 12 hours",
+            "day_over_12h": "Very long days",
             "missing_description": "Entries without a description",
             "outside_contract_dates": "Entries outside the contract's dates",
         }
         for a in anomalies[:6]:
-            where = f" on {titles[a['contract_id']]}" if a["contract_id"] in titles else ""
+            where = f" on {ref(by_id[a['contract_id']], 'title')}" if a.get("contract_id") in by_id else ""
+            cite = "{%s.%%s}" % a["ref"]  # noqa: UP031
             housekeeping.append(
-                f"{kinds.get(a['kind'], a['kind'])}{where}: {a['occurrences']} "
-                f"({_money(a['hours'])} hours, {a['first_date']} to {a['last_date']})."
+                f"{kinds.get(a['kind'], 'Unusual entries')}{where}: {cite % 'occurrences'} "
+                f"({cite % 'hours'} hours, {cite % 'first_date'} to {cite % 'last_date'})."
             )
         if "worklog_notes" in seen:
             budgets.append("The worklog notes of the contracts flagged for budget were read.")
 
-        if self.misreport > 0 and cites:
+        narrative = "\n\n".join(" ".join(p) for p in paragraphs if p)
+        if self.misreport > 0 and first_value:
             with self._lock:
                 self.misreport -= 1
-            wrong = next((c for c in cites if isinstance(c["value"], int | float)), None)
-            if wrong is not None:
-                wrong["value"] = wrong["value"] + 1
-        narrative = "\n\n".join(" ".join(p) for p in paragraphs if p)
-        return {
-            "narrative": narrative or "Nothing stands out in this period.",
-            "figures": cites,
-            "actions": actions[:12],
-        }
+            # A model that writes a figure itself instead of citing it: the first one, as a numeral.
+            reference, value = first_value[0]
+            narrative = narrative.replace(reference, _money(value), 1)
+        return {"narrative": narrative or "Nothing stands out in this period.", "actions": actions[:12]}
 
 
 # -- reading the conversation ----------------------------------------------------

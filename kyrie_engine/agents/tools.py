@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from kyrie_engine.agents.errors import AnalysisStopped
 from kyrie_engine.agents.figures import FigureReader, plain
-from kyrie_engine.agents.report import Ledger
+from kyrie_engine.agents.report import Ledger, anomaly_ref
 
 T = TypeVar("T")
 
@@ -119,7 +119,7 @@ class WorklogAnomaliesTool(_ReadTool):
         "Worklog anomalies in the period, summarised: day_over_12h (per person: days with more than 12 "
         "hours logged), missing_description (per contract: entries with no description) and "
         "outside_contract_dates (per contract: entries dated before its start or after its end), each "
-        "with occurrences, hours and first/last date."
+        "with occurrences, hours and first/last date, and the ref a report cites it by."
     )
     args_schema: type[BaseModel] = _NoArguments
 
@@ -127,7 +127,9 @@ class WorklogAnomaliesTool(_ReadTool):
         rt = self._rt()
         rows = rt.run(rt.reader.worklog_anomalies())
         rt.ledger.record(self.name, {}, rows)
-        return _json({**self._scope_header(), "anomalies": rows})
+        # Each row carries the name a report cites it by ({anomaly:<n>.hours}).
+        cited = [{"ref": anomaly_ref(n), **row} for n, row in enumerate(rows, 1)]
+        return _json({**self._scope_header(), "anomalies": cited})
 
 
 class _NotesArguments(BaseModel):
