@@ -17,6 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
+from kyrie_engine.outages import COMMAND_TIMEOUT
 from kyrie_engine.settings import is_transaction_pooler
 
 
@@ -35,9 +36,19 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
     return {"statement_cache_size": 0} if is_transaction_pooler(dsn) else {}
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float | None = COMMAND_TIMEOUT,
+    **kwargs: Any,
+) -> asyncpg.Pool:
+    """A pool whose every query is bounded by `command_timeout` (seconds): on a
+    connection that went silent, a query would otherwise wait forever."""
     pool = await asyncpg.create_pool(
-        driver_dsn(dsn), min_size=min_size, max_size=max_size, **connect_kwargs(dsn), **kwargs
+        driver_dsn(dsn), min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+        **connect_kwargs(dsn), **kwargs,
     )
     assert pool is not None
     return pool

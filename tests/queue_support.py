@@ -133,6 +133,7 @@ def main() -> None:
         shutdown_grace_seconds=args.grace,
         worker_id=args.worker_id,
         pool_size=4,
+        handle_signals=True,
     )
     asyncio.run(worker.run())
 

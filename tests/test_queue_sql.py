@@ -219,7 +219,11 @@ async def test_expired_leases_are_reclaimed(db: asyncpg.Connection, max_attempts
     assert await queue.reclaim_expired_leases(db) == [(enq.id, after)]
     row = await queue.get_job(db, enq.id)
     assert row is not None and row.status == after and row.lease_owner is None
-    assert row.error and "lease of test-owner expired" in row.error
+    # Members read the job: it says what happened, not which worker it was.
+    assert row.error and "stopped responding" in row.error and OWNER not in row.error
+    [attempt] = await queue.job_attempts(db, enq.id)
+    assert (attempt["attempt"], attempt["worker"], attempt["outcome"]) == (1, OWNER, "lost")
+    assert f"lease of {OWNER} expired" in attempt["detail"]
     # The dead worker's late completion is refused.
     assert not await queue.complete_job(db, job.id, OWNER, job.attempt, {})
 
