@@ -80,3 +80,36 @@ async def acting_as(
             json.dumps(claims),
         )
         yield conn
+
+
+class BoundedPool:
+    """A pool's statements with every wait bounded, the connection's return included.
+
+    `command_timeout` ends a query on a silent connection, but the pool then
+    waits for the server to acknowledge the cancel before it takes the
+    connection back, up to `command_timeout` again (measured: a hung claim
+    surfaced after 2 x 10 s).  A connection acquired with a timeout is
+    released within that timeout, and terminated if it cannot be: so a
+    statement here fails within `command_timeout + acquire_timeout`.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.pool = pool
+        self.acquire_timeout = timeout
+        self.timeout = timeout  # per statement, whatever the pool's own (a pool given by a host)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:  # noqa: ASYNC109 - asyncpg's signature
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            return await conn.fetch(query, *args, timeout=timeout or self.timeout)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:  # noqa: ASYNC109 - asyncpg's signature
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            return await conn.fetchrow(query, *args, timeout=timeout or self.timeout)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            return await conn.fetchval(query, *args, timeout=timeout or self.timeout)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 - asyncpg's signature
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            return await conn.execute(query, *args, timeout=timeout or self.timeout)

@@ -170,8 +170,12 @@ class Notifier:
             # Stopped mid-handshake: let the handshake end and close its
             # connection, rather than abandon a socket asyncpg complains about.
             with contextlib.suppress(Exception):
-                (await asyncio.wait_for(connecting, self.timeout)).terminate()
+                (await asyncio.wait_for(connecting, min(self.timeout, 1.0))).terminate()
             raise
+
+    async def _ping(self, conn: asyncpg.Connection) -> None:
+        """A dead peer behind a silent network never closes the socket: ask."""
+        await conn.execute("select 1", timeout=self.timeout)
 
     async def _run(self) -> None:
         while True:
@@ -193,8 +197,7 @@ class Notifier:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), self.ping_seconds)
                     if not lost.is_set():
-                        # A dead peer behind a silent network never closes the socket.
-                        await conn.execute("select 1", timeout=self.timeout)
+                        await self._ping(conn)
                 raise ConnectionError("the LISTEN connection was closed")
             except asyncio.CancelledError:
                 raise

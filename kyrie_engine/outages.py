@@ -82,10 +82,19 @@ class Outage:
     fails first says so, whichever succeeds first after that says it is back.
     """
 
-    def __init__(self, log: logging.Logger, who: str, on_back: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        who: str,
+        on_down: Callable[[], None] | None = None,
+        on_back: Callable[[], None] | None = None,
+    ) -> None:
         self.log = log
         self.who = who
-        self.on_back = on_back  # e.g. replace a pool's connections, which died meanwhile
+        # E.g. replace a pool's idle connections: when one went silent, its
+        # siblings opened at the same time likely did too.
+        self.on_down = on_down
+        self.on_back = on_back
         self.down_since: float | None = None
         self.failures = 0
 
@@ -99,6 +108,8 @@ class Outage:
             self.down_since = time.monotonic()
             self.log.warning("%s: database unreachable while %s (%s); retrying quietly",
                              self.who, doing, describe(exc))
+            if self.on_down is not None:
+                self.on_down()
         else:
             self.log.debug("%s: still unreachable while %s (%s)", self.who, doing, describe(exc))
 

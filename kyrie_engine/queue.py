@@ -24,9 +24,11 @@ import pydantic_core
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import BaseModel
 
+from kyrie_engine.db import BoundedPool
+
 # Anything that runs a statement: a connection (possibly inside the caller's
 # transaction), a pool, or a connection acquired from a pool.
-Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy | BoundedPool
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 log = logging.getLogger(__name__)
 STATUSES: tuple[Status, ...] = ("pending", "running", "completed", "failed", "cancelled")
@@ -108,7 +110,7 @@ class Enqueued(NamedTuple):
 
 def _autocommit(executor: Executor) -> bool:
     """True when each statement on `executor` commits on its own."""
-    return isinstance(executor, asyncpg.Pool) or not executor.is_in_transaction()
+    return isinstance(executor, asyncpg.Pool | BoundedPool) or not executor.is_in_transaction()
 
 
 class _WakeUps:

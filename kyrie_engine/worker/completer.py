@@ -24,8 +24,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import asyncpg
-
 from kyrie_engine import queue
 from kyrie_engine.outages import TRANSIENT_ERRORS, Backoff, Outage
 from kyrie_engine.worker.outcomes import Completed, Deferred, Ended, Failed, Released
@@ -36,7 +34,7 @@ log = logging.getLogger("kyrie_engine.worker")
 class Completer:
     def __init__(
         self,
-        pool: Callable[[], asyncpg.Pool],
+        pool: Callable[[], queue.Executor],
         owner: str,
         *,
         on_written: Callable[[Ended], None],

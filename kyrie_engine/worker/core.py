@@ -44,7 +44,7 @@ import asyncpg
 from kyrie_engine import notifier as notifications
 from kyrie_engine import queue
 from kyrie_engine.context import JobContext
-from kyrie_engine.db import connect_kwargs, driver_dsn
+from kyrie_engine.db import BoundedPool, connect_kwargs, driver_dsn
 from kyrie_engine.notifier import JobChanged, NewJobs
 from kyrie_engine.outages import COMMAND_TIMEOUT, TRANSIENT_ERRORS, Backoff, Outage
 from kyrie_engine.queue import ClaimedJob
@@ -61,7 +61,7 @@ FLUSH_WRITERS = 3  # outcome batches written at once (each on its own connection
 FLUSH_BATCH = 250  # outcomes per statement
 # After the grace period: how long stopping may still take, in all (handlers
 # cancelled, hand-backs written, pools closed), whatever the database does.
-STOP_BUDGET_SECONDS = 3.5
+STOP_BUDGET_SECONDS = 3.0
 # Handlers' queries may be long (an analysis over a year of worklogs), but
 # not endless: a silent connection must end in an error, not a hung attempt.
 HANDLER_COMMAND_TIMEOUT = 60.0
@@ -146,6 +146,7 @@ class Worker:
 
         self._given_pool = pool
         self._pool: asyncpg.Pool | None = pool  # the worker's own statements
+        self._bounded: BoundedPool | None = None  # ... through this
         self._handler_pool: asyncpg.Pool | None = pool
         self._attempts: dict[Key, Attempt] = {}
         self._background: set[asyncio.Future[None]] = set()
@@ -156,7 +157,8 @@ class Worker:
         self._stop_requested = 0
         self._fatal: BaseException | None = None
         self._notifier: notifications.Notifier | None = None
-        self.outage = Outage(log, f"worker {self.worker_id}", on_back=self._refresh_handler_pool)
+        self.outage = Outage(log, f"worker {self.worker_id}", on_down=self._refresh_pools,
+                             on_back=self._refresh_pools)
         self.completer = Completer(
             self._own_pool, self.worker_id, on_written=self._written, outage=self.outage,
             stats=self.stats, retry_base_seconds=retry_base_seconds, retry_cap_seconds=retry_cap_seconds,
@@ -212,20 +214,24 @@ class Worker:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def _own_pool(self) -> asyncpg.Pool:
-        assert self._pool is not None, "the worker is not running"
-        return self._pool
+    def _own_pool(self) -> BoundedPool:
+        assert self._bounded is not None, "the worker is not running"
+        return self._bounded
 
     async def _open_pools(self) -> None:
         kwargs = connect_kwargs(self.dsn)
         # min_size=0: nothing connects here, so a server that is down (or
         # restarting) at start is handled like one that goes down later.
+        # The worker's own statements take milliseconds: a lease must not
+        # run out while one of them waits on a silent connection.
+        own_timeout = max(1.0, min(self.command_timeout, self.lease_seconds / 3))
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
                 driver_dsn(self.dsn), min_size=0, max_size=2 + FLUSH_WRITERS, reset=_session_unchanged,
-                command_timeout=self.command_timeout,
+                command_timeout=own_timeout,
                 server_settings={"application_name": f"kyrie-worker:{self.worker_id}"}, **kwargs,
             )
+        self._bounded = BoundedPool(self._pool, own_timeout)
         if self._handler_pool is None:
             self._handler_pool = await asyncpg.create_pool(
                 driver_dsn(self.dsn), min_size=0, max_size=self.pool_size,
@@ -256,12 +262,13 @@ class Worker:
             if not claiming.done():
                 # Stopping while a claim hangs on a silent connection: a claim
                 # cut short may have committed; its jobs' leases expire.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(claiming), 1.0)
+                await asyncio.wait([claiming], timeout=0.5)
             claiming.cancel()
             stopped.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await claiming
+            # Not `await claiming`: a cancelled query's connection goes back to
+            # its pool only once the server confirms the cancel, which a
+            # silent server never does.  Closing the pools below ends it.
+            await asyncio.wait([claiming], timeout=0.2)
         finally:
             try:
                 await self._shutdown()
@@ -271,7 +278,7 @@ class Worker:
                 if self._notifier is not None:
                     unsubscribe()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._notifier.stop(), 1.0)
+                        await asyncio.wait_for(self._notifier.stop(), 0.5)
                     self._notifier = None
                 log.info("worker %s stopped: %s", self.worker_id, dict(self.stats))
         if self._fatal is not None:
@@ -349,9 +356,9 @@ class Worker:
     def _on_listen_connect(self) -> None:
         self._wake()  # jobs may have been enqueued while nobody listened
         if self._notifier is not None and self._notifier.connections > 1:
-            self._refresh_handler_pool()
+            self._refresh_pools()
 
-    def _refresh_handler_pool(self) -> None:
+    def _refresh_pools(self) -> None:
         """After an outage, the pools' idle connections are likely dead: have
         them replaced on next use, so a handler is not handed one."""
         for pool in {self._pool, self._handler_pool} - {None}:

@@ -26,8 +26,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
-import asyncpg
-
 from kyrie_engine import queue
 from kyrie_engine.outages import TRANSIENT_ERRORS, Outage
 from kyrie_engine.worker.executor import Attempt
@@ -39,7 +37,7 @@ log = logging.getLogger("kyrie_engine.worker")
 class LeaseKeeper:
     def __init__(
         self,
-        pool: Callable[[], asyncpg.Pool],
+        pool: Callable[[], queue.Executor],
         owner: str,
         slots: Slots,
         attempts: dict[Key, Attempt],
