@@ -240,12 +240,12 @@ class Worker:
             )
 
     async def _serve(self, drain: bool) -> None:
-        self._kick = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._stop_event = asyncio.Event()
+        # Cleared, not replaced: ready() may already be waiting on them.
+        self._kick.clear()
+        self._ready.clear()
         self._stopping = self._stop_requested > 0
-        if self._stopping:
-            self._stop_event.set()
+        if not self._stopping:
+            self._stop_event.clear()
         await self._open_pools()
         if self.listen:
             self._notifier = notifications.shared(self.dsn)

@@ -60,9 +60,13 @@ class Slots:
 
     def room(self) -> dict[str, int]:
         """Free slots per kind (kinds without room left out)."""
+        # A kind without a limit of its own is limited by the free slots
+        # alone.  (The old worker defaulted the limit to the free slots and
+        # then subtracted the kind's running jobs again: with one kind and
+        # r of 10 running it asked for 10 - 2r, never filling its slots.)
         free = self.free
         room = {
-            kind: min(free, self.kind_limits.get(kind, free) - self._running_by_kind[kind])
+            kind: min(free, self.kind_limits.get(kind, self.concurrency) - self._running_by_kind[kind])
             for kind in self.kinds
         }
         return {k: n for k, n in room.items() if n > 0}
