@@ -150,7 +150,10 @@ class Completer:
             elif isinstance(o, Released):
                 released[e.job_id] = e.attempt
         if done:
-            self.stats["completed"] += len(await queue.complete_jobs(pool, self.owner, done))
+            # Awaited before `+=`: that reads the counter first, and concurrent
+            # writers would overwrite each other's counts.
+            completed = await queue.complete_jobs(pool, self.owner, done)
+            self.stats["completed"] += len(completed)
         if failed:
             statuses = await queue.fail_jobs(pool, self.owner, failed, base_seconds=self.retry_base_seconds,
                                              cap_seconds=self.retry_cap_seconds)
@@ -161,7 +164,8 @@ class Completer:
             for status in statuses.values():
                 self.stats["rescheduled" if status == "pending" else "failed"] += 1
         if released:
-            self.stats["released"] += len(await queue.release_jobs(pool, self.owner, released))
+            handed_back = await queue.release_jobs(pool, self.owner, released)
+            self.stats["released"] += len(handed_back)
 
 
 def _verb(ended: Ended) -> str:
