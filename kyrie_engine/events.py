@@ -118,9 +118,10 @@ class JobEvents:
                     del self._followers[job_id]
 
     def _on_event(self, event: notifier.Event) -> None:
-        if isinstance(event, JobChanged):
-            for follower in self._followers.get(event.id, ()):
-                follower.wake()
+        if isinstance(event, JobChanged) and self._followers:
+            for job_id in event.ids:
+                for follower in self._followers.get(job_id, ()):
+                    follower.wake()
 
     def _wake_all(self) -> None:
         for followers in self._followers.values():

@@ -51,10 +51,14 @@ class NewJobs:
 
 @dataclass(frozen=True, slots=True)
 class JobChanged:
-    """`kyrie_job_events`: a job's status or progress changed (so says someone)."""
+    """`kyrie_job_events`: these jobs' status or progress changed (so says someone).
 
-    id: UUID
-    status: Status | None  # None: a progress change, or a status we do not know
+    One statement's changes to one status arrive together (see migration
+    20261201000202): `{"id": ..., "status": ...}` for one job,
+    `{"ids": [...], "status": ...}` for several."""
+
+    ids: tuple[UUID, ...]
+    status: Status | None  # None: a status we do not know
 
 
 Event: TypeAlias = NewJobs | JobChanged
@@ -67,11 +71,11 @@ def parse(channel: str, payload: str) -> Event | None:
         return _NEW_JOBS
     try:
         data = json.loads(payload)
-        job_id = UUID(str(data["id"]))
-    except (ValueError, KeyError, TypeError):
+        ids = tuple(UUID(i) for i in data["ids"]) if "ids" in data else (UUID(str(data["id"])),)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     status = data.get("status")
-    return JobChanged(job_id, status if status in _STATUSES else None)  # type: ignore[arg-type]
+    return JobChanged(ids, status if status in _STATUSES else None)  # type: ignore[arg-type]
 
 
 @dataclass(eq=False, slots=True)

@@ -345,6 +345,26 @@ async def test_status_and_progress_changes_are_announced(db_dsn: str, db: asyncp
         await listener.close()
 
 
+async def test_a_statement_announces_its_changes_together(db_dsn: str, db: asyncpg.Connection) -> None:
+    """One notification per status and statement (at most 150 ids each), not one per job."""
+    listener, received = await _listen(db_dsn, "kyrie_job_events")
+    try:
+        await queue.enqueue_many(db, "test.kind", [{}] * 400)
+        claimed = await claim(db, {"test.kind": 400}, limit=400)
+        await queue.complete_jobs(db, OWNER, [(j.id, 1, None) for j in claimed[:3]])
+        await queue.heartbeat_jobs(db, OWNER, {j.id: 1 for j in claimed}, 30)  # no change: no event
+        await wait_until(lambda: len(received) >= 4, 10, what="four events")
+        await asyncio.sleep(0.2)
+    finally:
+        await listener.close()
+    events = [json.loads(p) for p in received]
+    assert [(e["status"], len(e["ids"])) for e in events] == [
+        ("running", 150), ("running", 150), ("running", 100), ("completed", 3)]
+    assert {uuid.UUID(i) for e in events[:3] for i in e["ids"]} == {j.id for j in claimed}
+    assert events[3]["ids"] == sorted(str(j.id) for j in claimed[:3])
+    assert max(len(p) for p in received) < 8000
+
+
 # ---------------------------------------------------------------------------
 # who reads jobs, and Realtime
 

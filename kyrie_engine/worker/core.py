@@ -38,6 +38,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -53,7 +54,7 @@ from kyrie_engine.worker.executor import Attempt, Handler, execute
 from kyrie_engine.worker.leases import LeaseKeeper
 from kyrie_engine.worker.loops import Loops
 from kyrie_engine.worker.outcomes import Ended, Failed
-from kyrie_engine.worker.slots import Key, Slots
+from kyrie_engine.worker.slots import Slots
 
 log = logging.getLogger("kyrie_engine.worker")
 
@@ -148,7 +149,9 @@ class Worker:
         self._pool: asyncpg.Pool | None = pool  # the worker's own statements
         self._bounded: BoundedPool | None = None  # ... through this
         self._handler_pool: asyncpg.Pool | None = pool
-        self._attempts: dict[Key, Attempt] = {}
+        # The running attempt of each job (the latest, should a stale one
+        # still be stopping after a lost lease).
+        self._attempts: dict[UUID, Attempt] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -373,7 +376,7 @@ class Worker:
         elif isinstance(event, JobChanged):
             if event.status == "pending":
                 self._wake()  # a retry, a hand-back: new work
-            elif event.status == "cancelled" and any(job_id == event.id for job_id, _ in self._attempts):
+            elif event.status == "cancelled" and any(i in self._attempts for i in event.ids):
                 self.leases.check_soon()  # a hint: the row decides
 
     # -- claim --------------------------------------------------------------
@@ -416,15 +419,15 @@ class Worker:
                 await self._kick.wait()
 
     def _start(self, job: ClaimedJob) -> None:
-        for (job_id, number), stale in list(self._attempts.items()):
-            if job_id == job.id and number != job.attempt:  # our earlier attempt, whose lease we lost
-                stale.stop("lost")
+        stale = self._attempts.get(job.id)
+        if stale is not None:  # our earlier attempt, whose lease we lost
+            stale.stop("lost")
         assert self._handler_pool is not None
         ctx = JobContext(job.id, job.kind, job.payload, job.workspace_id, job.user_id, job.attempt,
                          job.max_attempts, self._handler_pool, self.worker_id)
         self.slots.start(job.id, job.attempt, job.kind)
         attempt = Attempt(ctx)
-        self._attempts[(job.id, job.attempt)] = attempt
+        self._attempts[job.id] = attempt
         attempt.task = asyncio.get_running_loop().create_task(self._run_attempt(attempt))
         self.stats["claimed"] += 1
 
@@ -434,7 +437,8 @@ class Worker:
             outcome = await execute(self.handlers[ctx.kind], attempt,
                                     self.timeouts.get(ctx.kind, self.default_timeout), self.retry_cap_seconds)
         finally:
-            self._attempts.pop((ctx.id, ctx.attempt), None)
+            if self._attempts.get(ctx.id) is attempt:
+                del self._attempts[ctx.id]
             self.slots.finish(ctx.id, ctx.attempt)
             self._wake()
         if isinstance(outcome, Failed):

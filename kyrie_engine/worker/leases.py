@@ -29,7 +29,7 @@ from uuid import UUID
 from kyrie_engine import queue
 from kyrie_engine.outages import TRANSIENT_ERRORS, Outage
 from kyrie_engine.worker.executor import Attempt
-from kyrie_engine.worker.slots import Key, Slots
+from kyrie_engine.worker.slots import Slots
 
 log = logging.getLogger("kyrie_engine.worker")
 
@@ -40,7 +40,7 @@ class LeaseKeeper:
         pool: Callable[[], queue.Executor],
         owner: str,
         slots: Slots,
-        attempts: dict[Key, Attempt],
+        attempts: dict[UUID, Attempt],
         *,
         kinds: Sequence[str],
         lease_seconds: float,
@@ -101,8 +101,8 @@ class LeaseKeeper:
                 self._lost(job_id, attempt)
 
     def _lost(self, job_id: UUID, attempt: int) -> None:
-        entry = self.attempts.get((job_id, attempt))
-        if entry is not None:
+        entry = self.attempts.get(job_id)
+        if entry is not None and entry.ctx.attempt == attempt:
             entry.stop("lost")
 
     async def _reclaim(self) -> None:
