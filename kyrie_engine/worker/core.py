@@ -50,7 +50,7 @@ from kyrie_engine.notifier import JobChanged, NewJobs
 from kyrie_engine.outages import COMMAND_TIMEOUT, TRANSIENT_ERRORS, Backoff, Outage
 from kyrie_engine.queue import ClaimedJob
 from kyrie_engine.worker.completer import Completer
-from kyrie_engine.worker.executor import Attempt, Handler, execute
+from kyrie_engine.worker.executor import Attempt, Handler, execute, is_async
 from kyrie_engine.worker.leases import LeaseKeeper
 from kyrie_engine.worker.loops import Loops
 from kyrie_engine.worker.outcomes import Ended, Failed
@@ -128,6 +128,7 @@ class Worker:
             raise ValueError("claim_batch must be at least 1")
         self.dsn = dsn
         self.handlers = dict(handlers)
+        self._on_loop = {kind: is_async(h) for kind, h in self.handlers.items()}
         self.slots = Slots(concurrency, self.handlers, kind_concurrency)
         self.concurrency = concurrency
         self.claim_batch = claim_batch or concurrency
@@ -175,6 +176,7 @@ class Worker:
         self.loops = Loops(self._loop_died)
         self.loops.add("completer", self.completer.run)
         self.loops.add("leases", self.leases.run)
+        self.loops.add("timeouts", self._enforce_timeouts)
 
     # -- public -------------------------------------------------------------
 
@@ -379,6 +381,20 @@ class Worker:
             elif event.status == "cancelled" and any(i in self._attempts for i in event.ids):
                 self.leases.check_soon()  # a hint: the row decides
 
+    async def _enforce_timeouts(self) -> None:
+        """Stop attempts past their deadline: one scan every `tick` seconds
+        instead of a timer per attempt (a timeout is late by at most a tick)."""
+        limits = [t for t in (self.default_timeout, *self.timeouts.values()) if t is not None]
+        if not limits:
+            await asyncio.Event().wait()  # no limit at all: nothing to do, ever
+        tick = min(0.25, min(limits) / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for attempt in list(self._attempts.values()):
+                if attempt.deadline is not None and attempt.deadline <= now:
+                    attempt.stop("timeout")
+
     # -- claim --------------------------------------------------------------
 
     async def _claim_loop(self, drain: bool) -> None:
@@ -435,7 +451,8 @@ class Worker:
         ctx = attempt.ctx
         try:
             outcome = await execute(self.handlers[ctx.kind], attempt,
-                                    self.timeouts.get(ctx.kind, self.default_timeout), self.retry_cap_seconds)
+                                    self.timeouts.get(ctx.kind, self.default_timeout), self.retry_cap_seconds,
+                                    on_loop=self._on_loop[ctx.kind])
         finally:
             if self._attempts.get(ctx.id) is attempt:
                 del self._attempts[ctx.id]

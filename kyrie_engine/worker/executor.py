@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import math
 import re
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from kyrie_engine.context import JobContext, LeaseLost, PermanentFailure, RetryL
 from kyrie_engine.worker.outcomes import Completed, Deferred, Failed, Forgotten, Outcome, Released
 
 Handler: TypeAlias = Callable[[JobContext], Awaitable[Any] | Any]
-StopReason: TypeAlias = Literal["cancelled", "lost", "shutdown"]
+StopReason: TypeAlias = Literal["cancelled", "lost", "shutdown", "timeout"]
 
 SUMMARY_CHARS = 300
 DETAIL_CHARS = 20_000
@@ -37,6 +38,7 @@ class Attempt:
     ctx: JobContext
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = field(default=None)
+    deadline: float | None = None  # time.monotonic() after which it is stopped
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None and self.task is not None and not self.task.done():
@@ -67,13 +69,34 @@ def _failed(exc: BaseException, retry: bool) -> Failed:
     return Failed(summary(exc), detail(exc), retry)
 
 
-async def execute(handler: Handler, attempt: Attempt, limit: float | None, retry_cap: float) -> Outcome:
+def is_async(handler: Handler) -> bool:
+    """Whether `handler` runs on the event loop (else in a thread); asked once, at registration."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 (an object with an async __call__)
+    )
+
+
+async def execute(
+    handler: Handler, attempt: Attempt, limit: float | None, retry_cap: float, *, on_loop: bool = True
+) -> Outcome:
     """Run the handler of `attempt` for at most `limit` seconds; never raises, except
-    CancelledError when the event loop itself is going away."""
+    CancelledError when the event loop itself is going away.
+
+    The limit is enforced by the worker's "timeouts" loop, which stops the
+    attempt (reason "timeout") once `attempt.deadline` has passed: measured,
+    an `asyncio.timeout` block (or a timer) per attempt was a tenth of a
+    no-op job's cost in the worker."""
     ctx = attempt.ctx
+    if limit is not None:
+        attempt.deadline = time.monotonic() + limit
     try:
-        async with asyncio.timeout(limit) as deadline:
-            result = await _call(handler, ctx)
+        if on_loop:
+            result = await handler(ctx)  # type: ignore[misc]
+        else:
+            # A plain function: off the event loop, so it cannot stall the others.
+            result = await asyncio.to_thread(handler, ctx)
+            if inspect.isawaitable(result):
+                result = await result
         if ctx.completed:
             return Forgotten("completed by its handler")
         # Encoded once, here: an unencodable result fails its attempt, not a batch.
@@ -98,27 +121,13 @@ async def execute(handler: Handler, attempt: Attempt, limit: float | None, retry
             return _failed(exc, retry=True)
         if task is not None:
             task.uncancel()
+        if attempt.stop_reason == "timeout":
+            return Failed(f"TimeoutError: handler for {ctx.kind} ran past its {limit}s timeout",
+                          detail(exc), retry=True)
         if attempt.stop_reason == "shutdown":
             return Released()
         return Forgotten(attempt.stop_reason)
-    except TimeoutError as exc:
-        if not deadline.expired():
-            return _failed(exc, retry=True)
-        return Failed(f"TimeoutError: handler for {ctx.kind} ran past its {limit}s timeout",
-                      detail(exc), retry=True)
     except Exception as exc:
         if ctx.completed:  # it raised after completing its own job: the completion stands
             return Forgotten("completed by its handler")
         return _failed(exc, retry=True)
-
-
-async def _call(handler: Handler, ctx: JobContext) -> Any:
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 (an object with an async __call__)
-    ):
-        return await handler(ctx)  # type: ignore[misc]
-    # A plain function: off the event loop, so it cannot stall the others.
-    result = await asyncio.to_thread(handler, ctx)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
