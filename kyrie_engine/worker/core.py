@@ -401,11 +401,22 @@ class Worker:
         backoff = Backoff()
         if self._notifier is not None:
             await self._notifier.wait_connected(max(self.poll_seconds, 1.0))
+        # With a backlog (the last claim was full), claim only once a quarter
+        # of a batch is free: claiming each slot as it frees up made a busy
+        # worker claim one or two jobs a statement.  Without one, a new job
+        # is claimed as soon as it is heard of.
+        most = min(self.claim_batch, self.concurrency,
+                   sum(self.slots.kind_limits.get(k, self.concurrency) for k in self.handlers))
+        enough = max(1, most // 4)
+        backlog = False
         while not self._stopping:
             self._kick.clear()
             try:
                 room = self.slots.room()
                 wanted = min(self.claim_batch, self.slots.free, sum(room.values()))
+                if backlog and wanted < enough and self.slots.running:
+                    await self._sleep(self.poll_seconds)  # until a finished attempt kicks
+                    continue
                 # Judged before the claim: an outcome written while the claim
                 # runs is not in its snapshot (a retry due now, a kind's room).
                 idle = self.slots.idle
@@ -413,6 +424,7 @@ class Worker:
                 if wanted > 0:
                     claimed = await queue.claim_jobs(self._own_pool(), self.worker_id, room, wanted,
                                                      self.lease_seconds)
+                    self.stats["claims"] += 1
                 self.outage.ok()
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
@@ -422,7 +434,8 @@ class Worker:
             self._ready.set()
             for job in claimed:
                 self._start(job)
-            if wanted and len(claimed) == wanted:
+            backlog = bool(wanted) and len(claimed) == wanted
+            if backlog:
                 continue  # a full batch: there may be more
             if drain and idle and not claimed:
                 return
