@@ -360,10 +360,13 @@ async def test_a_forged_cancel_notification_stops_nothing(db_dsn: str, db: async
     async with running(worker):
         await asyncio.wait_for(started.wait(), 30)
         forged = json.dumps({"id": str(enq.id), "status": "cancelled"})
+        before = worker.stats["heartbeats"]
         async with acting_as(db, owner):
-            await db.execute("select pg_notify('kyrie_job_events', $1)", forged)
+            for _ in range(200):  # and a flood of them: each costs at most a spaced-out heartbeat
+                await db.execute("select pg_notify('kyrie_job_events', $1)", forged)
         await asyncio.sleep(1.0)  # a real cancel stops the handler well within this
         assert worker.in_flight == 1
+        assert worker.stats["heartbeats"] - before <= 15
         release.set()
         job = await finished(db, enq.id)
     assert (job.status, job.attempts, job.result) == ("completed", 1, {"finished": True})

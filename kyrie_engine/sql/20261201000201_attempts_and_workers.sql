@@ -51,7 +51,9 @@ revoke all on kyrie.workers, kyrie.job_attempts from public, anon, authenticated
 grant select on kyrie.workers, kyrie.job_attempts to service_role;
 
 -- A worker says who it is when it starts (again after a restart of the
--- server: it is an upsert).
+-- server: it is an upsert).  Every start also forgets workers silent for a
+-- week: one row per process start would otherwise pile up forever, and a
+-- week is longer than any lease, so no running job still names one.
 create or replace function kyrie.register_worker(
   p_id       text,
   p_hostname text,
@@ -61,6 +63,7 @@ create or replace function kyrie.register_worker(
 language sql
 set search_path = ''
 as $$
+  delete from kyrie.workers w where w.last_seen < now() - interval '7 days';
   insert into kyrie.workers as w (id, hostname, pid, kinds)
   values (p_id, p_hostname, p_pid, coalesce(p_kinds, '{}'))
   on conflict (id) do update set hostname = excluded.hostname, pid = excluded.pid,

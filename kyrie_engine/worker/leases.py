@@ -33,6 +33,8 @@ from kyrie_engine.worker.slots import Slots
 
 log = logging.getLogger("kyrie_engine.worker")
 
+EARLY_SPACING = 0.2  # seconds between heartbeats brought forward by cancel hints
+
 
 class LeaseKeeper:
     def __init__(
@@ -63,6 +65,7 @@ class LeaseKeeper:
         self._on_reclaimed = on_reclaimed
         self._soon = asyncio.Event()
         self._registered = False
+        self._last_heartbeat = 0.0
 
     def check_soon(self) -> None:
         """Heartbeat now: something says a job we hold changed hands."""
@@ -75,6 +78,10 @@ class LeaseKeeper:
             wait = max(0.0, min(next_heartbeat, next_reclaim) - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._soon.wait(), wait)
+            if self._soon.is_set():
+                # Anyone may send the hint, as often as they like: at most
+                # one early heartbeat per EARLY_SPACING seconds.
+                await asyncio.sleep(max(0.0, self._last_heartbeat + EARLY_SPACING - time.monotonic()))
             now = time.monotonic()
             try:
                 if not self._registered:
@@ -94,8 +101,10 @@ class LeaseKeeper:
                 await asyncio.sleep(min(self.heartbeat_seconds, 1.0))
 
     async def heartbeat(self) -> None:
+        self._last_heartbeat = time.monotonic()
         held = self.slots.held()
         alive = await queue.heartbeat_jobs(self._pool(), self.owner, held, self.lease_seconds)
+        self.stats["heartbeats"] += 1
         for job_id, attempt in held.items():
             if job_id not in alive:
                 self._lost(job_id, attempt)
