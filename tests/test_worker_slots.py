@@ -1,7 +1,8 @@
-"""Slot accounting and the executor's error lines: pure, no database."""
+"""Slot accounting and the executor's error lines (pure, no database); side loops."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -72,3 +73,25 @@ def test_misuse_is_refused_or_harmless() -> None:
 )
 def test_members_read_one_line_without_paths(exc: BaseException, line: str) -> None:
     assert summary(exc) == line
+
+
+async def test_a_side_loop_is_one_line_and_a_dying_one_stops_the_worker(db_dsn: str) -> None:
+    from queue_support import FAST
+
+    from kyrie_engine.worker import Worker
+
+    seen: list[int] = []
+
+    async def side() -> None:
+        seen.append(await worker.db.fetchval("select 1"))
+        raise RuntimeError("a bug in a side loop")
+
+    async def returns(job: object) -> None:
+        return None
+
+    worker = Worker(db_dsn, {"test.kind": returns}, **FAST)
+    worker.loops.add("side", side)
+    with pytest.raises(RuntimeError, match="a loop failed") as raised:
+        await asyncio.wait_for(worker.run(), 30)
+    assert seen == [1] and "a bug in a side loop" in str(raised.value.__cause__)
+    assert worker.loops.names == ["completer", "leases", "timeouts", "side"]

@@ -217,6 +217,13 @@ class Worker:
     def notifier(self) -> notifications.Notifier | None:
         return self._notifier
 
+    @property
+    def db(self) -> BoundedPool:
+        """The worker's own pool, every statement bounded: for side loops
+        (`worker.loops.add("retention", lambda: purge_loop(worker.db))`).
+        Only while the worker runs."""
+        return self._own_pool()
+
     # -- lifecycle ----------------------------------------------------------
 
     def _own_pool(self) -> BoundedPool:
