@@ -93,10 +93,12 @@ class BoundedPool:
     statement here fails within `command_timeout + acquire_timeout`.
     """
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, timeout: float = COMMAND_TIMEOUT, acquire_timeout: float | None = None
+    ) -> None:
         self.pool = pool
-        self.acquire_timeout = timeout
         self.timeout = timeout  # per statement, whatever the pool's own (a pool given by a host)
+        self.acquire_timeout = timeout if acquire_timeout is None else acquire_timeout
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:  # noqa: ASYNC109 - asyncpg's signature
         async with self.pool.acquire(timeout=self.acquire_timeout) as conn:

@@ -243,7 +243,10 @@ class Worker:
                 command_timeout=own_timeout,
                 server_settings={"application_name": f"kyrie-worker:{self.worker_id}"}, **kwargs,
             )
-        self._bounded = BoundedPool(self._pool, own_timeout)
+        # A host's pool is shared with its handlers and its own code: waiting
+        # for a connection there is no sign of an outage, so allow longer.
+        wait = own_timeout if self._given_pool is None else COMMAND_TIMEOUT
+        self._bounded = BoundedPool(self._pool, own_timeout, acquire_timeout=wait)
         if self._handler_pool is None:
             self._handler_pool = await asyncpg.create_pool(
                 driver_dsn(self.dsn), min_size=0, max_size=self.pool_size,
