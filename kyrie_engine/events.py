@@ -1,35 +1,30 @@
-"""Live job events: ONE LISTEN connection per process, fanned out by job id.
+"""Live job events for the API's streams: the process's notifier, fanned out by job id.
 
-The queue's SQL sends `{"id": "<uuid>", "status": "..."}` on `kyrie_job_events`
-whenever a job's status or progress changes.  A notification is a doorbell, not
-the news: a follower woken by it re-reads the job's row, so a burst of changes
-collapses into one read and a follower never trusts a stale payload.  A
-follower's wake-up is an `asyncio.Event`, so memory per follower is constant
-however fast its job changes.
+A follower is woken (an `asyncio.Event`, so memory per follower is constant
+however fast its job changes) when its job is said to have changed, and after
+every (re)connect of the notifier, because notifications sent while nobody
+listened are lost; it then re-reads the job's row.  A notification is a
+doorbell, not the news: a burst of changes collapses into one read, and a
+forged one costs a read and nothing else.
 
-The connection is watched (termination callback plus a periodic `select 1`,
-which catches a half-open socket) and re-established with backoff; after every
-(re)connect all followers are woken, because notifications sent while nobody
-was listening are lost for good and only a re-read catches up.
+The LISTEN connection is the process's one (`notifier.shared`): in `serve`
+the worker's and the streams' notifications arrive on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from uuid import UUID
 
-import asyncpg
+from kyrie_engine import notifier
+from kyrie_engine.notifier import EVENTS_CHANNEL as CHANNEL
+from kyrie_engine.notifier import JobChanged
 
-from kyrie_engine.db import connect_kwargs, driver_dsn
+APPLICATION_NAME = notifier.APPLICATION_NAME  # how the connection shows in pg_stat_activity
 
-CHANNEL = "kyrie_job_events"
-APPLICATION_NAME = "kyrie-api-events"  # how the connection shows in pg_stat_activity
-
-log = logging.getLogger("kyrie_engine.events")
+__all__ = ["APPLICATION_NAME", "CHANNEL", "Follower", "JobEvents"]
 
 
 class Follower:
@@ -58,20 +53,15 @@ class JobEvents:
         self,
         dsn: str | None,
         *,
-        channel: str = CHANNEL,
         check_interval: float = 5.0,
         timeout: float = 5.0,
         max_backoff: float = 5.0,
     ) -> None:
         self._dsn = dsn
-        self._channel = channel
-        self._check_interval = check_interval
-        self._timeout = timeout
-        self._max_backoff = max_backoff
+        self._options = {"ping_seconds": check_interval, "timeout": timeout, "max_backoff": max_backoff}
         self._followers: dict[UUID, set[Follower]] = {}
-        self._up = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.reconnects = 0
+        self._notifier: notifier.Notifier | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -80,31 +70,38 @@ class JobEvents:
 
     @property
     def connected(self) -> bool:
-        return self._up.is_set()
+        return self._notifier is not None and self._notifier.connected
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the LISTEN connection has been (re)established."""
+        return 0 if self._notifier is None else self._notifier.connections
 
     @property
     def follower_count(self) -> int:
         return sum(len(s) for s in self._followers.values())
 
     def start(self) -> None:
-        if self.enabled and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="kyrie-job-events")
+        if not self.enabled or self._notifier is not None:
+            return
+        assert self._dsn is not None
+        self._notifier = notifier.shared(self._dsn, **self._options)
+        self._unsubscribe = self._notifier.subscribe(self._on_event, self._wake_all)
+        self._notifier.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._notifier is not None:
+            assert self._unsubscribe is not None
+            self._unsubscribe()
+            await self._notifier.stop()
+            self._notifier = None
         for followers in self._followers.values():
             for follower in followers:
                 follower.closed = True
                 follower.wake()
 
     async def wait_connected(self, within: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), within)
-        return self._up.is_set()
+        return self._notifier is not None and await self._notifier.wait_connected(within)
 
     @contextlib.contextmanager
     def follow(self, job_id: UUID) -> Iterator[Follower]:
@@ -120,69 +117,13 @@ class JobEvents:
                 if not followers:
                     del self._followers[job_id]
 
-    def _on_notification(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        try:
-            job_id = UUID(str(json.loads(payload)["id"]))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignored a malformed job event", extra={"channel": channel})
-            return
-        for follower in self._followers.get(job_id, ()):
-            follower.wake()
+    def _on_event(self, event: notifier.Event) -> None:
+        if isinstance(event, JobChanged) and self._followers:
+            for job_id in event.ids:
+                for follower in self._followers.get(job_id, ()):
+                    follower.wake()
 
     def _wake_all(self) -> None:
         for followers in self._followers.values():
             for follower in followers:
                 follower.wake()
-
-    async def _connect(self) -> asyncpg.Connection:
-        assert self._dsn is not None
-        connecting = asyncio.ensure_future(
-            asyncpg.connect(
-                driver_dsn(self._dsn), timeout=self._timeout,
-                server_settings={"application_name": APPLICATION_NAME}, **connect_kwargs(self._dsn),
-            )
-        )
-        try:
-            return await asyncio.shield(connecting)
-        except asyncio.CancelledError:
-            # Stopped mid-handshake: let the handshake end and close its connection,
-            # rather than abandon a socket asyncpg would complain about later.
-            with contextlib.suppress(Exception):
-                (await asyncio.wait_for(connecting, self._timeout)).terminate()
-            raise
-
-    async def _run(self) -> None:
-        assert self._dsn is not None
-        backoff = 0.1
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self._connect()
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(self._channel, self._on_notification)
-                if self.reconnects:
-                    log.info("job events listener reconnected")
-                self._up.set()
-                self.reconnects += 1
-                backoff = 0.1
-                self._wake_all()
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), self._check_interval)
-                    if not lost.is_set():
-                        await asyncio.wait_for(conn.execute("select 1"), self._timeout)
-                log.warning("job events listener lost its connection")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "job events listener cannot connect; retrying",
-                    extra={"error_type": type(exc).__name__, "retry_in_s": round(backoff, 2)},
-                )
-            finally:
-                self._up.clear()
-                if conn is not None:
-                    conn.terminate()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff)

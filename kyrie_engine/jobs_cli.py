@@ -99,6 +99,12 @@ async def cmd_show(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
             print(f"\n{key}:\n" + _json(block))
     if job.error:
         print("\nerror:\n" + job.error.rstrip())
+    # The detail members do not see (kyrie.job_attempts): each attempt that did not complete.
+    for a in await queue.job_attempts(conn, job.id):
+        print(f"\nattempt {a['attempt']}: {a['outcome']} at {when(a['finished_at'])} on {a['worker'] or '-'}")
+        for text in (a["error"], a["detail"]):
+            if text:
+                print(text.rstrip())
     return 0
 
 

@@ -25,9 +25,11 @@ import pydantic_core
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import BaseModel
 
+from kyrie_engine.db import BoundedPool
+
 # Anything that runs a statement: a connection (possibly inside the caller's
 # transaction), a pool, or a connection acquired from a pool.
-Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool | PoolConnectionProxy | BoundedPool
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 log = logging.getLogger(__name__)
 STATUSES: tuple[Status, ...] = ("pending", "running", "completed", "failed", "cancelled")
@@ -109,7 +111,7 @@ class Enqueued(NamedTuple):
 
 def _autocommit(executor: Executor) -> bool:
     """True when each statement on `executor` commits on its own."""
-    return isinstance(executor, asyncpg.Pool) or not executor.is_in_transaction()
+    return isinstance(executor, asyncpg.Pool | BoundedPool) or not executor.is_in_transaction()
 
 
 class _WakeUps:
@@ -387,9 +389,8 @@ def _in_id_order(held: Iterable[tuple[UUID, int]]) -> tuple[list[UUID], list[int
 async def heartbeat_jobs(
     executor: Executor, owner: str, held: Mapping[UUID, int], lease_seconds: float
 ) -> set[UUID]:
-    """Extend the leases of `held` (id -> attempt); returns the ids still held."""
-    if not held:
-        return set()
+    """Extend the leases of `held` (id -> attempt) and mark `owner` alive in
+    kyrie.workers (also when it holds nothing); returns the ids still held."""
     ids, attempts = _in_id_order(held.items())
     rows = await executor.fetch(
         "select id from kyrie.heartbeat_jobs($1, $2, $3, $4) as id", owner, ids, attempts, lease_seconds
@@ -481,3 +482,68 @@ async def reclaim_expired_leases(executor: Executor) -> list[tuple[UUID, Status]
     """Put jobs whose worker vanished back in the queue; returns (id, new status)."""
     rows = await executor.fetch("select id, status from kyrie.reclaim_expired_leases()")
     return [(r["id"], r["status"]) for r in rows]
+
+
+class FailedAttempt(NamedTuple):
+    id: UUID
+    attempt: int
+    error: str  # one line, what members read in jobs.error
+    detail: str | None  # operators only (kyrie.job_attempts)
+    retry: bool
+
+
+async def fail_jobs(
+    executor: Executor,
+    owner: str,
+    failed: Iterable[FailedAttempt],
+    *,
+    base_seconds: float = 2.0,
+    cap_seconds: float = 3600.0,
+) -> dict[UUID, Status]:
+    """Record failed attempts in one statement; returns id -> new status
+    ('pending' = will retry) for those still held."""
+    rows = sorted(failed)
+    if not rows:
+        return {}
+    result = await executor.fetch(
+        "select id, status from kyrie.fail_jobs($1, $2, $3, $4, $5, $6, $7, $8)",
+        owner, [r.id for r in rows], [r.attempt for r in rows], [r.error for r in rows],
+        [r.detail for r in rows], [r.retry for r in rows], base_seconds, cap_seconds,
+    )
+    return {r["id"]: r["status"] for r in result}
+
+
+class DeferredAttempt(NamedTuple):
+    id: UUID
+    attempt: int
+    delay_seconds: float
+    reason: str | None
+
+
+async def retry_later_jobs(
+    executor: Executor, owner: str, deferred: Iterable[DeferredAttempt], max_deferrals: int = 100
+) -> dict[UUID, Status]:
+    """`retry_later` for many attempts in one statement; returns id -> new status."""
+    rows = sorted(deferred)
+    if not rows:
+        return {}
+    result = await executor.fetch(
+        "select id, status from kyrie.retry_later_jobs($1, $2, $3, $4, $5, $6)",
+        owner, [r.id for r in rows], [r.attempt for r in rows], [r.delay_seconds for r in rows],
+        [r.reason for r in rows], max_deferrals,
+    )
+    return {r["id"]: r["status"] for r in result}
+
+
+async def register_worker(executor: Executor, id: str, hostname: str, pid: int, kinds: Sequence[str]) -> None:
+    """Say who `id` (the opaque lease owner) is, for operators (kyrie.workers)."""
+    await executor.execute("select kyrie.register_worker($1, $2, $3, $4)", id, hostname, pid, list(kinds))
+
+
+async def job_attempts(executor: Executor, id: UUID) -> list[dict[str, Any]]:
+    """A job's attempts that did not complete, oldest first, with their detail (operators)."""
+    rows = await executor.fetch(
+        "select attempt, worker, started_at, finished_at, outcome, error, detail"
+        " from kyrie.job_attempts where job_id = $1 order by finished_at, id", id,
+    )
+    return [dict(r) for r in rows]

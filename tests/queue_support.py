@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import signal
 import subprocess
@@ -115,6 +116,17 @@ async def record_and_sleep(job: JobContext) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
+async def record_and_query(job: JobContext) -> dict[str, Any]:
+    """Like record_and_sleep, but the handler waits inside a database call."""
+    async with job.pool.acquire() as conn:
+        await conn.execute(
+            "insert into queue_test.runs (job_id, attempt, pid) values ($1, $2, $3)",
+            job.id, job.attempt, os.getpid(),
+        )
+        await conn.execute("select pg_sleep($1)", float(job.payload.get("seconds", 0)))
+    return {"pid": os.getpid()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dsn")
@@ -123,9 +135,10 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--worker-id", default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f %(name)s %(message)s")
     worker = Worker(
         args.dsn,
-        {"test.sleep": record_and_sleep},
+        {"test.sleep": record_and_sleep, "test.query": record_and_query},
         concurrency=args.concurrency,
         lease_seconds=args.lease,
         heartbeat_seconds=args.lease / 6,
@@ -133,6 +146,7 @@ def main() -> None:
         shutdown_grace_seconds=args.grace,
         worker_id=args.worker_id,
         pool_size=4,
+        handle_signals=True,
     )
     asyncio.run(worker.run())
 

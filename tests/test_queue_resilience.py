@@ -83,7 +83,7 @@ async def test_the_worker_rides_out_a_postgres_restart(own_server: EmbeddedPostg
             assert set(before + after) <= done
         finally:
             await db.close()
-        assert worker._listener is not None and worker._listener.connections >= 2
+        assert worker.notifier is not None and worker.notifier.connections >= 2
     finally:
         worker.stop()
         await asyncio.wait_for(task, 60)
@@ -97,7 +97,7 @@ async def test_jobs_still_start_after_the_listen_connection_is_killed(
 
     # A poll so slow that only notifications can explain a quick start.
     worker = make_worker(db_dsn, {"test.kind": returns}, poll_seconds=30.0)
-    name = f"kyrie-listen:{worker.worker_id}"
+    name = "kyrie-listen"
     listener_pid = "select pid from pg_stat_activity where application_name = $1"
     async with running(worker):
         await wait_until(lambda: worker.listener_connected, 30)

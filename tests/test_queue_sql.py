@@ -219,7 +219,11 @@ async def test_expired_leases_are_reclaimed(db: asyncpg.Connection, max_attempts
     assert await queue.reclaim_expired_leases(db) == [(enq.id, after)]
     row = await queue.get_job(db, enq.id)
     assert row is not None and row.status == after and row.lease_owner is None
-    assert row.error and "lease of test-owner expired" in row.error
+    # Members read the job: it says what happened, not which worker it was.
+    assert row.error and "stopped responding" in row.error and OWNER not in row.error
+    [attempt] = await queue.job_attempts(db, enq.id)
+    assert (attempt["attempt"], attempt["worker"], attempt["outcome"]) == (1, OWNER, "lost")
+    assert f"lease of {OWNER} expired" in attempt["detail"]
     # The dead worker's late completion is refused.
     assert not await queue.complete_job(db, job.id, OWNER, job.attempt, {})
 
@@ -339,6 +343,26 @@ async def test_status_and_progress_changes_are_announced(db_dsn: str, db: asyncp
         assert all(len(p) < 80 for p in received)
     finally:
         await listener.close()
+
+
+async def test_a_statement_announces_its_changes_together(db_dsn: str, db: asyncpg.Connection) -> None:
+    """One notification per status and statement (at most 150 ids each), not one per job."""
+    listener, received = await _listen(db_dsn, "kyrie_job_events")
+    try:
+        await queue.enqueue_many(db, "test.kind", [{}] * 400)
+        claimed = await claim(db, {"test.kind": 400}, limit=400)
+        await queue.complete_jobs(db, OWNER, [(j.id, 1, None) for j in claimed[:3]])
+        await queue.heartbeat_jobs(db, OWNER, {j.id: 1 for j in claimed}, 30)  # no change: no event
+        await wait_until(lambda: len(received) >= 4, 10, what="four events")
+        await asyncio.sleep(0.2)
+    finally:
+        await listener.close()
+    events = [json.loads(p) for p in received]
+    assert [(e["status"], len(e["ids"])) for e in events] == [
+        ("running", 150), ("running", 150), ("running", 100), ("completed", 3)]
+    assert {uuid.UUID(i) for e in events[:3] for i in e["ids"]} == {j.id for j in claimed}
+    assert events[3]["ids"] == sorted(str(j.id) for j in claimed[:3])
+    assert max(len(p) for p in received) < 8000
 
 
 # ---------------------------------------------------------------------------

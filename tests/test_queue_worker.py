@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -13,8 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 from queue_support import FAST, running, wait_until
+from support import new_user, new_workspace
 
 from kyrie_engine import queue
+from kyrie_engine.db import acting_as
+from kyrie_engine.events import JobEvents
 from kyrie_engine.worker import JobContext, PermanentFailure, RetryLater, Worker
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -335,3 +341,136 @@ async def test_the_poll_finds_jobs_whose_notification_never_came(db_dsn: str, db
             enq = await queue.enqueue(db, "test.kind", {"n": 1})
         job = await finished(db, enq.id)
     assert job.status == "completed"
+
+
+async def test_a_forged_cancel_notification_stops_nothing(db_dsn: str, db: asyncpg.Connection) -> None:
+    """Any session may pg_notify; the worker asks the row before stopping a handler."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def waits(job: JobContext) -> dict[str, Any]:
+        started.set()
+        await asyncio.wait_for(release.wait(), 30)
+        return {"finished": True}
+
+    owner = await new_user(db)
+    workspace = await new_workspace(db, owner)
+    enq = await queue.enqueue(db, "test.kind", {}, workspace_id=workspace, user_id=owner)
+    # Heartbeats too rare to matter: only the notification could stop the handler.
+    worker = make_worker(db_dsn, {"test.kind": waits}, heartbeat_seconds=30.0, lease_seconds=90.0)
+    async with running(worker):
+        await asyncio.wait_for(started.wait(), 30)
+        forged = json.dumps({"id": str(enq.id), "status": "cancelled"})
+        before = worker.stats["heartbeats"]
+        async with acting_as(db, owner):
+            for _ in range(200):  # and a flood of them: each costs at most a spaced-out heartbeat
+                await db.execute("select pg_notify('kyrie_job_events', $1)", forged)
+        await asyncio.sleep(1.0)  # a real cancel stops the handler well within this
+        assert worker.in_flight == 1
+        assert worker.stats["heartbeats"] - before <= 15
+        release.set()
+        job = await finished(db, enq.id)
+    assert (job.status, job.attempts, job.result) == ("completed", 1, {"finished": True})
+
+
+async def test_a_handler_that_completes_its_own_job_ends_its_attempt(
+    db_dsn: str, db: asyncpg.Connection
+) -> None:
+    await db.execute("create schema queue_test; create table queue_test.marks (job_id uuid)")
+    enq = await queue.enqueue(db, "test.kind", {})
+    worker = make_worker(db_dsn, {"test.kind": completes_in_own_transaction})
+    async with running(worker):
+        job = await finished(db, enq.id)
+        await wait_until(lambda: worker.slots.idle, 10)
+    assert (job.status, job.result) == ("completed", {"atomic": True})
+    assert worker.stats["completed"] == 0  # no second write: the batch never saw it
+
+
+# ---------------------------------------------------------------------------
+# the Worker API, as an embedding program meets it
+
+
+async def test_a_given_pool_serves_everything_but_listen(db_dsn: str, db: asyncpg.Connection) -> None:
+    pool = await asyncpg.create_pool(db_dsn, min_size=3, max_size=3)
+    assert pool is not None
+    try:
+        await queue.enqueue_many(db, "test.kind", [{}] * 30)
+        worker = make_worker(db_dsn, {"test.kind": returns}, pool=pool, concurrency=4)
+        async with running(worker):
+            assert await worker.ready(30)
+            await wait_until(lambda: db.fetchval("select count(*) = 30 from public.jobs"
+                                                 " where status = 'completed'"), 30)
+            others = await db.fetchval("select count(*) from pg_stat_activity"
+                                       " where datname = current_database() and pid <> pg_backend_pid()")
+        assert others == 3 + 1  # the host's pool, and one LISTEN connection
+        assert not pool.is_closing()  # the host's pool is the host's to close
+    finally:
+        await pool.close()
+
+
+async def test_ready_means_listening_and_claimed(db_dsn: str) -> None:
+    worker = make_worker(db_dsn, {"test.kind": returns})
+    assert not await worker.ready(0)
+    async with running(worker):
+        assert await worker.ready(30)
+        assert worker.listener_connected
+
+
+async def test_claims_are_batched_apart_from_concurrency(db_dsn: str, db: asyncpg.Connection) -> None:
+    async def slowish(job: JobContext) -> None:
+        await asyncio.sleep(0.2)
+
+    await queue.enqueue_many(db, "test.kind", [{}] * 12)
+    worker = make_worker(db_dsn, {"test.kind": slowish}, concurrency=12, claim_batch=3)
+    await asyncio.wait_for(worker.run_until_drained(), 60)
+    batches = await db.fetch("select count(*) as n from public.jobs group by started_at")
+    assert max(r["n"] for r in batches) <= 3  # one claim, one transaction timestamp
+    assert await db.fetchval("select count(*) from public.jobs where status = 'completed'") == 12
+
+
+@pytest.mark.parametrize("handle_signals", [False, True])
+async def test_signal_handlers_are_the_hosts_unless_asked(db_dsn: str, handle_signals: bool) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread")
+    loop = asyncio.get_running_loop()
+    host_calls: list[int] = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: host_calls.append(1))
+    try:
+        worker = make_worker(db_dsn, {"test.kind": returns}, handle_signals=handle_signals)
+        task = asyncio.create_task(worker.run())
+        assert await worker.ready(30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        if handle_signals:
+            await asyncio.wait_for(task, 30)  # the worker's: it stopped
+            assert host_calls == []
+        else:
+            await wait_until(lambda: host_calls, 10)  # the host's: the worker runs on
+            assert not task.done()
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+        host_calls.clear()
+        os.kill(os.getpid(), signal.SIGTERM)  # after run(): the host's handler again
+        await wait_until(lambda: host_calls, 10)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_a_worker_and_the_event_streams_share_one_listen_connection(
+    db_dsn: str, db: asyncpg.Connection
+) -> None:
+    events = JobEvents(db_dsn)
+    events.start()
+    try:
+        async with running(make_worker(db_dsn, {"test.kind": returns})) as _:
+            assert await events.wait_connected(30)
+            listeners = await db.fetchval("select count(*) from pg_stat_activity"
+                                          " where datname = current_database() and query ilike 'listen%'")
+            enq = await queue.enqueue(db, "test.kind", {})
+            with events.follow(enq.id) as follower:
+                await follower.changed(within=0.01)
+                job = await finished(db, enq.id)
+                assert await follower.changed(within=10)
+        assert listeners == 1
+        assert job.status == "completed"
+        assert events.connected  # the worker left; the streams keep the connection
+    finally:
+        await events.stop()
