@@ -311,8 +311,8 @@ def table(results: dict[str, list[FigureSet]]) -> tuple[str, dict[str, float | s
     rows: list[tuple[str, ...]] = [("system", *heads)]
     for system, values in med.items():
         slug = system.lower().replace("-", "_")
-        shape = results[system][-1].get("drain_shape")
-        rows.append((system + (f" (drain {shape})" if shape else ""),
+        shapes = "/".join(dict.fromkeys(str(r["drain_shape"]) for r in results[system] if "drain_shape" in r))
+        rows.append((system + (f" (drain {shapes})" if shapes else ""),
                      *(f"{values[k]:,.0f}" if k.endswith("per_s") else f"{values[k]:.2f}" for k in keys)))
         figures.update({f"peers_{slug}_{k}": values[k] for k in keys})
     for peer in ("PgQueuer", "bare"):
