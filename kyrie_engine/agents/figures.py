@@ -7,10 +7,17 @@ what an analysis can see: the worker's pool connects as the table owner, and
 without `acting_as` it would see every tenant.  The workspace comes from the
 job, never from the model; the functions called are SECURITY INVOKER
 (kyrie_engine/sql/20261125000006_cfo_figures.sql), so they see what the user sees.
+
+The per-contract figures, the currency totals and the anomalies come from
+one call of `kyrie.cfo_figures` (one pass over the worklogs,
+kyrie_engine/sql/20261201000401_cfo_one_pass.sql), made the first time a
+tool asks for any of them and shared by the others: the scope is fixed for
+the job, so the three answers are those of one snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass
@@ -105,6 +112,7 @@ class FigureReader:
         self.queries = 0
         self._in_flight = 0
         self._busy_since = 0.0
+        self._figures: asyncio.Future[dict[str, list[dict[str, Any]]]] | None = None
 
     async def _fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
         # All reads run on the event loop, so this bookkeeping needs no lock.
@@ -126,14 +134,34 @@ class FigureReader:
         rows = await self._fetch("select kyrie.is_workspace_member($1) as ok", self.scope.workspace_id)
         return bool(rows and rows[0]["ok"])
 
+    async def _all_figures(self) -> dict[str, list[dict[str, Any]]]:
+        """The one-pass result, fetched once; concurrent callers (CrewAI runs a turn's
+        tools in parallel) wait for the same fetch.  A failed fetch is not kept."""
+        if self._figures is None:
+            self._figures = asyncio.ensure_future(self._fetch_figures())
+        shared = self._figures
+        try:
+            return await asyncio.shield(shared)
+        except Exception:
+            if self._figures is shared:
+                self._figures = None
+            raise
+
+    async def _fetch_figures(self) -> dict[str, list[dict[str, Any]]]:
+        rows = await self._fetch(
+            "select contracts, totals, anomalies from kyrie.cfo_figures($1, $2, $3, $4)", *self.scope.args()
+        )
+        row = rows[0]
+        return {key: [dict(r) for r in row[key]] for key in ("contracts", "totals", "anomalies")}
+
     async def contract_figures(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.contract_figures($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["contracts"]]
 
     async def currency_totals(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.currency_totals($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["totals"]]
 
     async def worklog_anomalies(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.worklog_anomalies($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["anomalies"]]
 
     async def worklog_notes(self, contract_id: UUID, limit: int = 20) -> list[dict[str, Any]]:
         """Latest entries of one contract, if the user can see it and it is in scope (else none)."""
