@@ -108,11 +108,27 @@ class FigureReader:
         self.pool = pool
         self.scope = scope
         self.timeout = timeout
-        self.sql_seconds = 0.0
+        self._sql_done = 0.0
         self.queries = 0
         self._in_flight = 0
         self._busy_since = 0.0
         self._figures: asyncio.Future[dict[str, list[dict[str, Any]]]] | None = None
+
+    @property
+    def sql_seconds(self) -> float:
+        """Including the read in flight so far: a difference of two readings is the SQL time
+        between them, even when a read (the prefetch) started before the first."""
+        busy = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+        return self._sql_done + busy
+
+    def prefetch(self) -> None:
+        """Start the one pass now: the agent's first turn asks for it, and the fetch
+        runs on the event loop while CrewAI builds the crew in its thread."""
+        if self._figures is None:
+            self._figures = asyncio.ensure_future(self._fetch_figures())
+            # A run that ends before any tool asks (a cancelled job) must not leave
+            # an exception nobody retrieved; the tools that do ask see it themselves.
+            self._figures.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
         # All reads run on the event loop, so this bookkeeping needs no lock.
@@ -125,7 +141,7 @@ class FigureReader:
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
-                self.sql_seconds += time.perf_counter() - self._busy_since
+                self._sql_done += time.perf_counter() - self._busy_since
             self.queries += 1
         return [dict(r) for r in rows]
 
@@ -137,9 +153,9 @@ class FigureReader:
     async def _all_figures(self) -> dict[str, list[dict[str, Any]]]:
         """The one-pass result, fetched once; concurrent callers (CrewAI runs a turn's
         tools in parallel) wait for the same fetch.  A failed fetch is not kept."""
-        if self._figures is None:
-            self._figures = asyncio.ensure_future(self._fetch_figures())
+        self.prefetch()
         shared = self._figures
+        assert shared is not None
         try:
             return await asyncio.shield(shared)
         except Exception:
