@@ -2,7 +2,10 @@
 
 What any accept endpoint on this stack costs at least: parse the JSON body,
 one round trip that inserts the job, answer 202 with its id.  No secret, no
-membership check, no wake-up.  Served by uvicorn with the settings
+membership check, no wake-up: its connections set `kyrie.wake_after_commit`,
+so the jobs table's insert trigger sends no NOTIFY either (a NOTIFY inside
+each commit takes a global lock and serialises the commits: the trap the
+engine's shared after-commit wake-up avoids, not a cost of the ceiling).  Served by uvicorn with the settings
 `kyrie-engine api` uses (access log off, same pool size), so the ratio of the
 two measures our code, not the server.
 
@@ -35,7 +38,8 @@ def build_app(dsn: str, pool_size: int) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal pool
-        pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+        pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size,
+                                         server_settings={"kyrie.wake_after_commit": "on"})
         try:
             yield
         finally:

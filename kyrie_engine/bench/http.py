@@ -6,7 +6,8 @@ own on a free loopback port:
 - `kyrie-engine api`: every request is a full one (secret check, body
   validation, membership asked of the database as the user, enqueue);
 - the ceiling, `kyrie_engine.bench.bare_http`: Starlette + asyncpg doing one
-  `INSERT ... RETURNING` per request, served by uvicorn the same way.
+  `INSERT ... RETURNING` per request and nothing else (no NOTIFY), served by
+  uvicorn the same way.
 
 The client is `wrk` when it is on PATH (a C load generator: 2 threads, 50
 connections, a Lua script that cycles through the members' request bodies
