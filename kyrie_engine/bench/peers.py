@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -97,6 +98,7 @@ async def _pgq_drain(dsn: str, managers: int, batch: int) -> dict[str, float]:
 async def _pgq_serve(dsn: str, batch: int) -> dict[str, float]:
     """Handler start times by job id, printed when SIGTERM ends the manager."""
     from pgqueuer import AsyncpgDriver, Queries, QueueManager
+    from pgqueuer.errors import FailingListenerError
 
     started: dict[str, float] = {}
     qm = QueueManager(Queries(AsyncpgDriver(await asyncpg.connect(dsn))))
@@ -107,7 +109,16 @@ async def _pgq_serve(dsn: str, batch: int) -> dict[str, float]:
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, qm.shutdown.set)
     run = asyncio.create_task(qm.run(batch_size=batch))
-    await asyncio.sleep(0.5)  # its LISTEN is set up inside run(); no hook says when
+    # Its LISTEN is set up inside run(): ready once its own NOTIFY round trip succeeds.
+    for _ in range(60):
+        try:
+            await qm.listener_healthy(timeout=timedelta(seconds=0.5))
+            break
+        except FailingListenerError:
+            if run.done():
+                await run
+    else:
+        raise RuntimeError("PgQueuer's listener did not come up")
     print("ready", flush=True)
     await run
     return started
