@@ -152,6 +152,7 @@ class CFOAnalysis:
         await job.progress("reading contracts", 5)
         if not await reader.can_read_workspace():
             raise PermanentFailure(f"user {scope.user_id} is not a member of workspace {scope.workspace_id}")
+        reader.prefetch()  # the figures' one pass overlaps the agent's start
 
         stop = threading.Event()
         run = _Run()

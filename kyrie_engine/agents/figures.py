@@ -7,10 +7,17 @@ what an analysis can see: the worker's pool connects as the table owner, and
 without `acting_as` it would see every tenant.  The workspace comes from the
 job, never from the model; the functions called are SECURITY INVOKER
 (kyrie_engine/sql/20261125000006_cfo_figures.sql), so they see what the user sees.
+
+The per-contract figures, the currency totals and the anomalies come from
+one call of `kyrie.cfo_figures` (one pass over the worklogs,
+kyrie_engine/sql/20261201000401_cfo_one_pass.sql), made the first time a
+tool asks for any of them and shared by the others: the scope is fixed for
+the job, so the three answers are those of one snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass
@@ -101,10 +108,27 @@ class FigureReader:
         self.pool = pool
         self.scope = scope
         self.timeout = timeout
-        self.sql_seconds = 0.0
+        self._sql_done = 0.0
         self.queries = 0
         self._in_flight = 0
         self._busy_since = 0.0
+        self._figures: asyncio.Future[dict[str, list[dict[str, Any]]]] | None = None
+
+    @property
+    def sql_seconds(self) -> float:
+        """Including the read in flight so far: a difference of two readings is the SQL time
+        between them, even when a read (the prefetch) started before the first."""
+        busy = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+        return self._sql_done + busy
+
+    def prefetch(self) -> None:
+        """Start the one pass now: the agent's first turn asks for it, and the fetch
+        runs on the event loop while CrewAI builds the crew in its thread."""
+        if self._figures is None:
+            self._figures = asyncio.ensure_future(self._fetch_figures())
+            # A run that ends before any tool asks (a cancelled job) must not leave
+            # an exception nobody retrieved; the tools that do ask see it themselves.
+            self._figures.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
         # All reads run on the event loop, so this bookkeeping needs no lock.
@@ -117,7 +141,7 @@ class FigureReader:
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
-                self.sql_seconds += time.perf_counter() - self._busy_since
+                self._sql_done += time.perf_counter() - self._busy_since
             self.queries += 1
         return [dict(r) for r in rows]
 
@@ -126,14 +150,34 @@ class FigureReader:
         rows = await self._fetch("select kyrie.is_workspace_member($1) as ok", self.scope.workspace_id)
         return bool(rows and rows[0]["ok"])
 
+    async def _all_figures(self) -> dict[str, list[dict[str, Any]]]:
+        """The one-pass result, fetched once; concurrent callers (CrewAI runs a turn's
+        tools in parallel) wait for the same fetch.  A failed fetch is not kept."""
+        self.prefetch()
+        shared = self._figures
+        assert shared is not None
+        try:
+            return await asyncio.shield(shared)
+        except Exception:
+            if self._figures is shared:
+                self._figures = None
+            raise
+
+    async def _fetch_figures(self) -> dict[str, list[dict[str, Any]]]:
+        rows = await self._fetch(
+            "select contracts, totals, anomalies from kyrie.cfo_figures($1, $2, $3, $4)", *self.scope.args()
+        )
+        row = rows[0]
+        return {key: [dict(r) for r in row[key]] for key in ("contracts", "totals", "anomalies")}
+
     async def contract_figures(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.contract_figures($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["contracts"]]
 
     async def currency_totals(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.currency_totals($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["totals"]]
 
     async def worklog_anomalies(self) -> list[dict[str, Any]]:
-        return await self._fetch("select * from kyrie.worklog_anomalies($1, $2, $3, $4)", *self.scope.args())
+        return [dict(r) for r in (await self._all_figures())["anomalies"]]
 
     async def worklog_notes(self, contract_id: UUID, limit: int = 20) -> list[dict[str, Any]]:
         """Latest entries of one contract, if the user can see it and it is in scope (else none)."""

@@ -31,7 +31,7 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
-async def _fresh_database(admin_dsn: str) -> tuple[str, str]:
+async def _fresh_database(admin_dsn: str, migrated: bool = True) -> tuple[str, str]:
     name = f"kyrie_bench_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(admin_dsn)
     try:
@@ -39,7 +39,8 @@ async def _fresh_database(admin_dsn: str) -> tuple[str, str]:
     finally:
         await conn.close()
     dsn = _with_database(admin_dsn, name)
-    await migrate_dsn(dsn)
+    if migrated:
+        await migrate_dsn(dsn)
     return name, dsn
 
 
@@ -64,26 +65,53 @@ async def _run_sections(admin_dsn: str, sections: list[str], quick: bool) -> dic
     return figures
 
 
+async def _run_peers(admin_dsn: str, quick: bool, rounds: int) -> dict[str, object]:
+    from kyrie_engine.bench import peers
+
+    async def fresh(migrated: bool) -> tuple[str, str]:
+        return await _fresh_database(admin_dsn, migrated)
+
+    async def drop(name: str) -> None:
+        await _drop_database(admin_dsn, name)
+
+    return dict(await peers.run_peers(fresh, drop, quick, rounds))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kyrie-engine bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                         help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object of all figures on stdout")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--peers", action="store_true",
+                        help="only the queue, beside PgQueuer and the bare SKIP LOCKED loop (dev group)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --peers; medians are reported")
     args = parser.parse_args(argv)
+    if args.peers:
+        from kyrie_engine.bench.peers import pgqueuer_version
+
+        if pgqueuer_version() is None:
+            print("kyrie-engine bench --peers: PgQueuer is not installed; it is in the dev group "
+                  "(`make install`, or `uv sync --group dev`)", file=sys.stderr)
+            return 2
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)}")
 
+    def measure(dsn: str) -> dict[str, object]:
+        if args.peers:
+            return asyncio.run(_run_peers(dsn, args.quick, max(1, args.rounds)))
+        return asyncio.run(_run_sections(dsn, sections, args.quick))
+
     admin_dsn = os.environ.get("DATABASE_URL")
     if admin_dsn:
-        figures = asyncio.run(_run_sections(admin_dsn, sections, args.quick))
+        figures = measure(admin_dsn)
     else:
         from kyrie_engine.embedded import EmbeddedPostgres  # the [demo] extra (kyrie_engine.cli checks)
 
         with EmbeddedPostgres(options={"fsync": "on", "full_page_writes": "on"}) as pg:
-            figures = asyncio.run(_run_sections(pg.dsn, sections, args.quick))
+            figures = measure(pg.dsn)
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     else:
