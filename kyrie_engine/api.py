@@ -310,7 +310,7 @@ async def analyze(request: Request) -> Response:
         if row["created"]:
             # The shared wake-up of kyrie_engine.queue (one NOTIFY for many
             # concurrent accepts), called rather than written again.
-            await queue._wake_workers(conn)
+            await queue.wake_workers(conn)
     job_id = row["job_id"]
     headers = {"Location": f"/ai/jobs/{job_id}"}
     if not row["created"]:

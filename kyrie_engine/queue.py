@@ -143,7 +143,7 @@ class _WakeUps:
 _wake_ups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeUps] = weakref.WeakKeyDictionary()
 
 
-async def _wake_workers(executor: Executor) -> None:
+async def wake_workers(executor: Executor) -> None:
     """Best effort: the job is committed, and a worker's poll finds it anyway,
     so a failure here must not make the caller think the enqueue failed."""
     loop = asyncio.get_running_loop()
@@ -230,7 +230,7 @@ async def enqueue(
     )
     assert row is not None
     if own_commit and row["created"]:
-        await _wake_workers(executor)
+        await wake_workers(executor)
     return Enqueued(row["id"], row["created"])
 
 
@@ -270,7 +270,7 @@ async def enqueue_many(
         kind, texts, workspace_id, user_id, keys, priorities, run_ats, max_attempts, not own_commit,
     )
     if own_commit and any(r["created"] for r in rows):
-        await _wake_workers(executor)
+        await wake_workers(executor)
     return [r["id"] for r in rows]
 
 

@@ -19,9 +19,11 @@ import datetime as dt
 import logging
 import random
 
-import asyncpg
-
+from kyrie_engine.outages import TRANSIENT_ERRORS, Outage, describe
 from kyrie_engine.queue import Executor
+from kyrie_engine.settings import KEEP_COMPLETED, KEEP_FAILED
+
+__all__ = ["KEEP_COMPLETED", "KEEP_FAILED", "purge", "purge_once", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,6 @@ FIRST_DELAY_SECONDS = (5.0, 45.0)
 INTERVAL_SECONDS = 300.0
 # Between full batches: let the queue's own statements through.
 PAUSE_SECONDS = 0.05
-
-_TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
 
 async def purge_once(
     executor: Executor, keep_completed: dt.timedelta | None, keep_failed: dt.timedelta | None,
@@ -85,10 +84,13 @@ async def run(
     first_delay_seconds: float | None = None,
     interval_seconds: float = INTERVAL_SECONDS,
     batch: int = BATCH,
+    outage: Outage | None = None,
 ) -> None:
-    """Purge on a timer until `stop` is set: one more supervised side task of a worker."""
+    """Purge on a timer until `stop` is set: one more supervised side task of a
+    worker (which reports a lost database through its `outage`, once)."""
     if keep_completed is None and keep_failed is None:
         log.info("retention off: finished jobs are kept forever")
+        await stop.wait()  # a side loop that returns is taken for a dead one
         return
     # Jitter, not secrecy: the standard generator is what it needs.
     first = random.uniform(*FIRST_DELAY_SECONDS)  # noqa: S311
@@ -96,9 +98,16 @@ async def run(
     while not await _stopped_within(stop, delay):
         try:
             deleted = await purge(pool, keep_completed, keep_failed, batch=batch, stop=stop)
-        except _TRANSIENT as exc:
-            log.warning("retention: purge failed (%s: %s); trying again later", type(exc).__name__, exc)
+        except TRANSIENT_ERRORS as exc:
+            if outage is not None:
+                outage.failed(exc, "purging finished jobs")
+            else:
+                log.warning("retention: purge failed (%s); trying again later", describe(exc))
+        except Exception as exc:  # a bug, loudly; but retention must never stop a worker
+            log.error("retention: purge failed (%s); trying again later", describe(exc), exc_info=exc)
         else:
+            if outage is not None:
+                outage.ok()
             if deleted:
                 log.info("retention: finished jobs purged", extra={"deleted": deleted})
         delay = interval_seconds * random.uniform(0.8, 1.0)  # noqa: S311

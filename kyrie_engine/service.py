@@ -202,6 +202,8 @@ async def run(mode: str, settings: Settings) -> int:
             concurrency=settings.concurrency,
             pool_size=settings.pool_size,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            keep_completed=settings.keep_completed,
+            keep_failed=settings.keep_failed,
             handle_signals=False,  # ours, below: one stop for both halves
         )
 

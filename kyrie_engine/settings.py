@@ -20,6 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# How long finished jobs are kept by default (KYRIE_KEEP_*, and a Worker's own defaults).
+KEEP_COMPLETED = dt.timedelta(days=7)
+KEEP_FAILED = dt.timedelta(days=30)
+
 SECRET_MIN_LENGTH = 32
 
 
@@ -139,10 +143,10 @@ class Settings(DatabaseSettings):
     )
     # Retention (kyrie_engine.retention): how long finished jobs are kept; None keeps them forever.
     keep_completed: dt.timedelta | None = Field(
-        default=dt.timedelta(days=7), validation_alias=_env("KYRIE_KEEP_COMPLETED", "keep_completed")
+        default=KEEP_COMPLETED, validation_alias=_env("KYRIE_KEEP_COMPLETED", "keep_completed")
     )
     keep_failed: dt.timedelta | None = Field(
-        default=dt.timedelta(days=30), validation_alias=_env("KYRIE_KEEP_FAILED", "keep_failed")
+        default=KEEP_FAILED, validation_alias=_env("KYRIE_KEEP_FAILED", "keep_failed")
     )
 
     @field_validator("keep_completed", "keep_failed", mode="before")

@@ -20,6 +20,7 @@ import pytest
 
 import kyrie_engine
 from kyrie_engine import queue
+from kyrie_engine.worker import Worker
 
 BAD_KINDS = ["SendEmail", "", "1job", "emails send", "émail", "emails\n", "a" * 101, "-x", "x/y", "X.y"]
 GOOD_KINDS = ["a", "emails.send", "x:y-z_1", "a" * 100, "cfo.analyze"]
@@ -191,3 +192,12 @@ async def test_list_stats_purge_and_limits_are_exported(db: asyncpg.Connection) 
     await kyrie_engine.set_kind_limit(db, "emails.send", None)
     assert await kyrie_engine.purge_jobs(db, dt.timedelta(0)) == 0  # nothing finished yet
     assert set(kyrie_engine.STATUSES) == {"pending", "running", "completed", "failed", "cancelled"}
+
+
+@pytest.mark.parametrize("kind", ["SendEmail", "send email", "", "a" * 200])
+def test_a_worker_refuses_a_handler_for_a_kind_that_can_never_be_enqueued(kind: str) -> None:
+    async def handler(job: Any) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="kind"):
+        Worker("postgresql://u@127.0.0.1/db", {kind: handler})

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from support import new_user, new_workspace
 
 from kyrie_engine import queue, retention
 from kyrie_engine.settings import Settings, SettingsError, load, parse_keep
+from kyrie_engine.worker import Worker
 
 DAY = dt.timedelta(days=1)
 OWNER = "retention-test:1"
@@ -226,3 +228,45 @@ async def test_run_survives_the_database_going_away(db_dsn: str) -> None:
 def test_the_defaults_keep_the_promises() -> None:
     assert retention.FIRST_DELAY_SECONDS[1] < 60  # a purge within a minute of start-up
     assert retention.INTERVAL_SECONDS <= 600  # then at least every ten minutes
+
+
+# ---------------------------------------------------------------------------
+# in the Worker: on by default, one more of its side loops
+
+
+async def _noop(job: Any) -> None:
+    return None
+
+
+def test_a_worker_purges_by_default_and_not_when_told_to_keep_everything(db_dsn: str) -> None:
+    assert "retention" in Worker(db_dsn, {"test.kind": _noop}).loops.names
+    assert "retention" not in Worker(db_dsn, {"test.kind": _noop}, keep_completed=None,
+                                     keep_failed=None).loops.names
+
+
+async def test_two_workers_running_delete_each_old_job_once_and_keep_the_rest(
+    db: asyncpg.Connection, db_dsn: str, history: dict[str, list[uuid.UUID]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Start-up's first purge comes within a minute; the test has no minute to wait.
+    monkeypatch.setattr(retention, "FIRST_DELAY_SECONDS", (0.05, 0.2))
+    workers = [Worker(db_dsn, {"test.other": _noop}, concurrency=2) for _ in range(2)]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        for _ in range(200):
+            if await db.fetchval("select count(*) from public.deleted_jobs") >= 330:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # time enough for a second delete of any job to show
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*runs)
+
+    old = {i for key in OLD for i in history[key]}
+    deleted = [r["id"] for r in await db.fetch("select id from public.deleted_jobs")]
+    assert len(deleted) == len(set(deleted)) == len(old)  # each exactly once
+    assert set(deleted) == old
+    kept = {i for key, ids in history.items() if key not in OLD for i in ids}
+    assert {r["id"] for r in await db.fetch("select id from public.jobs")} == kept
+    assert await db.fetchval("select count(*) from public.ai_actions where job_id is null") == 2

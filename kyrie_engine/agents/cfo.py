@@ -44,9 +44,9 @@ from kyrie_engine.agents.report import (
     parse_answer,
     unique_actions,
 )
+from kyrie_engine.context import JobContext, PermanentFailure, RetryLater
 from kyrie_engine.queue import to_json
 from kyrie_engine.settings import Settings
-from kyrie_engine.worker import JobContext, PermanentFailure, RetryLater
 
 KIND = "cfo.analyze"
 

@@ -168,7 +168,9 @@ async def _worker(dsn: str, n: int, keep_seconds: float) -> dict[str, Any]:
     stop = asyncio.Event()
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     assert pool is not None
-    worker = Worker(dsn, {KIND: noop}, concurrency=CONCURRENCY)
+    # The worker's own retention purges every five minutes; the soak runs the
+    # same `retention.run` on a seconds-long timer beside it instead.
+    worker = Worker(dsn, {KIND: noop}, concurrency=CONCURRENCY, keep_completed=None, keep_failed=None)
     purging = asyncio.create_task(retention.run(
         pool, keep, keep, stop, first_delay_seconds=1.0, interval_seconds=RETENTION_INTERVAL_SECONDS,
         batch=5_000,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 import threading
@@ -43,7 +44,7 @@ from uuid import UUID
 import asyncpg
 
 from kyrie_engine import notifier as notifications
-from kyrie_engine import queue
+from kyrie_engine import queue, retention
 from kyrie_engine.context import JobContext
 from kyrie_engine.db import BoundedPool, connect_kwargs, driver_dsn
 from kyrie_engine.notifier import JobChanged, NewJobs
@@ -121,9 +122,15 @@ class Worker:
         handle_signals: bool = False,
         listen: bool = True,
         command_timeout: float = COMMAND_TIMEOUT,
+        keep_completed: dt.timedelta | None = retention.KEEP_COMPLETED,
+        keep_failed: dt.timedelta | None = retention.KEEP_FAILED,
     ) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one handler")
+        for kind in handlers:
+            # At registration, not at the first enqueue: a handler for a kind
+            # the jobs table refuses would wait forever for a job.
+            queue.check_kind(kind)
         if claim_batch is not None and claim_batch < 1:
             raise ValueError("claim_batch must be at least 1")
         self.dsn = dsn
@@ -177,6 +184,11 @@ class Worker:
         self.loops.add("completer", self.completer.run)
         self.loops.add("leases", self.leases.run)
         self.loops.add("timeouts", self._enforce_timeouts)
+        if keep_completed is not None or keep_failed is not None:
+            # Stopped like every side loop, by cancellation: a loop that
+            # returns is taken for a dead one, so its own stop never fires.
+            self.loops.add("retention", lambda: retention.run(
+                self.db, keep_completed, keep_failed, asyncio.Event(), outage=self.outage))
 
     # -- public -------------------------------------------------------------
 
