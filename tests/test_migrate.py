@@ -99,9 +99,12 @@ def test_statements_are_split_as_the_supabase_cli_splits_them(sql: str, statemen
 
 
 def test_our_migrations_split_into_statements_that_postgres_would_run() -> None:
-    for m in find_migrations():
+    migrations = find_migrations()
+    # A file of several statements is split (one-statement files exist too).
+    assert sum(len(m.statements) for m in migrations) > 5 * len(migrations)
+    for m in migrations:
         statements = m.statements
-        assert len(statements) > 1, m.path.name
+        assert statements, m.path.name
         # No statement is cut inside a function body: every dollar quote opened is closed.
         for statement in statements:
             assert statement.count("$$") % 2 == 0, (m.path.name, statement[:200])
