@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("kyrie_engine.service", "run a worker only"),
     "demo": ("kyrie_engine.demo", "embedded Postgres, sample workspace, one CFO analysis end to end"),
     "jobs": ("kyrie_engine.jobs_cli", "inspect, retry and cancel jobs: list|show|retry|cancel|stats"),
+    "schedules": ("kyrie_engine.schedules_cli", "periodic jobs in kyrie.schedules: list|add|remove"),
     "bench": ("kyrie_engine.bench", "measure RLS cost, queue throughput and latency, HTTP, analysis"),
 }
 

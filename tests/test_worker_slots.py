@@ -94,4 +94,4 @@ async def test_a_side_loop_is_one_line_and_a_dying_one_stops_the_worker(db_dsn: 
     with pytest.raises(RuntimeError, match="a loop failed") as raised:
         await asyncio.wait_for(worker.run(), 30)
     assert seen == [1] and "a bug in a side loop" in str(raised.value.__cause__)
-    assert worker.loops.names == ["completer", "leases", "timeouts", "retention", "side"]
+    assert worker.loops.names == ["completer", "leases", "timeouts", "retention", "schedules", "side"]

@@ -44,7 +44,7 @@ from uuid import UUID
 import asyncpg
 
 from kyrie_engine import notifier as notifications
-from kyrie_engine import queue, retention
+from kyrie_engine import queue, retention, schedules
 from kyrie_engine.context import JobContext
 from kyrie_engine.db import BoundedPool, connect_kwargs, driver_dsn
 from kyrie_engine.notifier import JobChanged, NewJobs
@@ -89,6 +89,10 @@ class Worker:
     RetryLater is rescheduled without using an attempt, at most
     `max_deferrals` times; then its job fails with the last reason.
 
+    Schedules: every worker enqueues the due slots of `kyrie.schedules`
+    (whatever their kinds; each slot once across all workers), re-reading
+    them every `schedules_poll_seconds`, unless `run_schedules=False`.
+
     Connections: given a `pool`, the worker uses it for its statements and
     its handlers and opens only its LISTEN connection (shared with anything
     else in the process listening to the same database).  Otherwise it opens
@@ -124,6 +128,8 @@ class Worker:
         command_timeout: float = COMMAND_TIMEOUT,
         keep_completed: dt.timedelta | None = retention.KEEP_COMPLETED,
         keep_failed: dt.timedelta | None = retention.KEEP_FAILED,
+        run_schedules: bool = True,
+        schedules_poll_seconds: float = schedules.POLL_SECONDS,
     ) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one handler")
@@ -189,6 +195,10 @@ class Worker:
             # returns is taken for a dead one, so its own stop never fires.
             self.loops.add("retention", lambda: retention.run(
                 self.db, keep_completed, keep_failed, asyncio.Event(), outage=self.outage))
+        if run_schedules:
+            # Every worker, for any kinds: the database lets one enqueue each slot.
+            self.loops.add("schedules", lambda: schedules.run(
+                self.db, poll_seconds=schedules_poll_seconds, outage=self.outage))
 
     # -- public -------------------------------------------------------------
 
