@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("kyrie_engine.service", "run a worker only"),
     "demo": ("kyrie_engine.demo", "embedded Postgres, sample workspace, one CFO analysis end to end"),
     "jobs": ("kyrie_engine.jobs_cli", "inspect, retry and cancel jobs: list|show|retry|cancel|stats"),
+    "schema": ("kyrie_engine.schema_cli", "JSON Schema of job results, progress, usage and action payloads"),
     "bench": ("kyrie_engine.bench", "measure RLS cost, queue throughput and latency, HTTP, analysis"),
 }
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-WIDTH, HEIGHT = 600, 150
-LEFT, BOTTOM, TOP = 44, 18, 8
+WIDTH, HEIGHT = 460, 140
+LEFT, BOTTOM, TOP = 40, 18, 8
 
 
 def _nice(value: float) -> float:
@@ -80,7 +80,7 @@ def stacked_bars(
     gap = 1 if step > 4 else 0
     body: list[str] = []
     for i, row in enumerate(rows):
-        y = TOP + plot_h
+        y = float(TOP + plot_h)
         for col, cls, _ in series:
             value = int(row[col] or 0)
             if value <= 0:
