@@ -138,14 +138,16 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
 
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form of at most FORM_LIMIT bytes; one value per name (the first)."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/x-www-form-urlencoded":
-        raise ApiError(415, "send the console's form (application/x-www-form-urlencoded)")
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > FORM_LIMIT:
             raise ApiError(413, f"form too large (limit {FORM_LIMIT} bytes)")
+    if not body:
+        return {}  # an empty form: its missing fields are refused by name below
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        raise ApiError(415, "send the console's form (application/x-www-form-urlencoded)")
     parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=20)
     return {key: values[0] for key, values in parsed.items()}
 
