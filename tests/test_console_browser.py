@@ -52,6 +52,10 @@ class Flaky:
         return {"ok": True, "attempt": job.attempt}
 
 
+async def quick(job: JobContext) -> dict[str, Any]:
+    return {"done": job.payload.get("n")}
+
+
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Any]:
     from selenium import webdriver
@@ -123,7 +127,7 @@ class Console:
 @pytest.fixture
 async def console(db: asyncpg.Connection, db_dsn: str, driver: Any, tmp_path: Path) -> AsyncIterator[Console]:
     flaky = Flaky()
-    worker = Worker(db_dsn, {KIND: flaky}, concurrency=2, pool_size=3, **FAST)
+    worker = Worker(db_dsn, {KIND: flaky, "console.quick": quick}, concurrency=2, pool_size=3, **FAST)
     app = build(db_dsn, console_token=TOKEN)
     async with served(app) as url, running(worker):
         yield Console(url, db, flaky, driver, tmp_path)
@@ -134,6 +138,9 @@ async def test_sign_in_see_a_failure_arrive_live_open_it_retry_it_and_see_it_com
 ) -> None:
     from selenium.webdriver.common.by import By
 
+    # Some ordinary traffic first, so the overview has something to chart.
+    for n in range(30):
+        await queue.enqueue(console.db, "console.quick", {"n": n})
     await console.sign_in()
     await console.until(lambda b: "Queue overview" in b.page_source)
     assert "all workspaces" in await console.run(console.text)

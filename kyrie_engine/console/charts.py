@@ -16,7 +16,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 460, 140
-LEFT, BOTTOM, TOP = 40, 18, 8
+LEFT, BOTTOM, TOP = 48, 18, 8
 
 
 def _nice(value: float) -> float:

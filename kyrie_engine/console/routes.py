@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+import anyio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -263,7 +264,7 @@ def overview_context(data: queries.Overview) -> dict[str, Any]:
             f"jobs finished {unit}"),
         "latency_chart": charts.lines(
             data.series, [("latency_p50_ms", "p50", "p50"), ("latency_p99_ms", "p99", "p99")],
-            "pickup latency", " ms"),
+            "pickup latency (ms)"),
         "tokens_chart": charts.stacked_bars(
             data.series, [("tokens", "tok", "tokens")], f"Groq tokens {unit}"),
         "unit": unit,
@@ -306,21 +307,36 @@ def _live(request: Request, render_html: Callable[[], Awaitable[str]]) -> Respon
     """SSE of a page's live part, re-rendered on a notification (at most once a second) or every
     LIVE_EVERY seconds; the page's script swaps it in."""
 
+    # Set by sse-starlette when the server stops: the stream then ends at once
+    # instead of holding the graceful shutdown for its whole grace period.
+    shutdown = anyio.Event()
+
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async with _any_change(request) as changed:
-            sent = None
-            while True:
-                started = time.monotonic()
-                changed.clear()
-                html = await render_html()
-                if html != sent:
-                    sent = html
-                    yield ServerSentEvent(data=html, event="html")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), LIVE_EVERY)
-                await asyncio.sleep(max(0.0, LIVE_AT_MOST - (time.monotonic() - started)))
 
-    return EventSourceResponse(stream(), ping=15, send_timeout=30, headers={"Cache-Control": "no-store"})
+            async def on_shutdown() -> None:
+                await shutdown.wait()
+                changed.set()
+
+            watcher = asyncio.create_task(on_shutdown())
+            try:
+                sent = None
+                while not shutdown.is_set():
+                    started = time.monotonic()
+                    changed.clear()
+                    html = await render_html()
+                    if html != sent:
+                        sent = html
+                        yield ServerSentEvent(data=html, event="html")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), LIVE_EVERY)
+                    if not shutdown.is_set():
+                        await asyncio.sleep(max(0.0, LIVE_AT_MOST - (time.monotonic() - started)))
+            finally:
+                watcher.cancel()
+
+    return EventSourceResponse(stream(), ping=15, send_timeout=30, headers={"Cache-Control": "no-store"},
+                               shutdown_event=shutdown, shutdown_grace_period=2)
 
 
 async def overview_live(request: Request) -> Response:
