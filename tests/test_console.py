@@ -324,3 +324,25 @@ async def test_a_job_page_tells_the_whole_story(site: Site) -> None:
     assert str(site.job)[:8] in listing
     assert_error_contract(await site.client.get(f"/console/jobs/{uuid.uuid4()}"), 404)
     assert_error_contract(await site.client.get("/console/jobs/not-a-uuid"), 404)
+
+
+async def test_a_cfo_job_page_shows_its_usage_result_and_proposed_actions(
+    db: asyncpg.Connection, db_dsn: str
+) -> None:
+    from cfo_support import PERIOD, actions_of, analyse, build_books
+
+    books = await build_books(db)
+    job = await analyse(db_dsn, db, books.workspace_id, books.owner, PERIOD)
+    assert job["status"] == "completed"
+    actions = await actions_of(db, job["id"])
+    await db.execute("update ai_actions set status = 'accepted' where id = $1", actions[0]["id"])
+    async with asgi_client(build(db_dsn, console_token=TOKEN)) as client:
+        site = Site(client, db, job["id"])
+        await site.sign_in()
+        page = (await client.get(f"/console/jobs/{job['id']}")).text
+    assert f"Proposed actions <span class=\"muted\">({len(actions)})</span>" in page
+    for action in actions:
+        assert f"<code>{action['type']}</code>" in page
+    assert 'class="pill accepted"' in page and 'class="pill proposed"' in page
+    assert "total_tokens" in page and "narrative" in page and "attempt 1 completed" in page
+    assert str(books.workspace_id) in page  # an operator's view names the workspace
