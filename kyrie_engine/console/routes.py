@@ -431,6 +431,9 @@ PUBLIC = {f"{PREFIX}/login", f"{PREFIX}/static/{{name}}"}
 
 
 def routes() -> list[Route]:
+    """The console's routes.  Schedules and the model budget get their pages here once their
+    tables (kyrie.schedules, the budget's) are on main: a query in queries.py, a template, and
+    one `console_route` line each; the walker in tests/test_api_routes.py then covers them."""
     return [
         Route(f"{PREFIX}/login", login_form, methods=["GET"], name="console_login_form"),
         Route(f"{PREFIX}/login", login, methods=["POST"], name="console_login"),
