@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kyrie_engine import queue
+from kyrie_engine import console, queue
 from kyrie_engine.db import create_pool
 from kyrie_engine.events import Follower, JobEvents
 from kyrie_engine.http_errors import DATABASE_UNAVAILABLE, ApiError, exception_handlers, internal_error
@@ -546,11 +546,17 @@ def build_app(settings: Settings, *, pool: asyncpg.Pool | None = None, worker: A
                 await runtime.pool.close()
                 runtime.pool = None
 
+    # The operator console (kyrie_engine.console) only when its token is set:
+    # otherwise /console is an unknown path (404), like any other.
+    console_token = settings.console_token
+    routes = ROUTES + (console.routes() if console_token is not None else [])
     app = Starlette(
-        routes=ROUTES,
+        routes=routes,
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
     app.add_middleware(RequestContext, metrics=runtime.metrics)
     app.state.runtime = runtime
+    if console_token is not None:
+        app.state.console = console.Console(console_token.get_secret_value())
     return app

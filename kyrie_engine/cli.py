@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kyrie_engine.demo", "embedded Postgres, sample workspace, one CFO analysis end to end"),
     "jobs": ("kyrie_engine.jobs_cli", "inspect, retry and cancel jobs: list|show|retry|cancel|stats"),
     "schedules": ("kyrie_engine.schedules_cli", "periodic jobs in kyrie.schedules: list|add|remove"),
+    "schema": ("kyrie_engine.schema_cli", "JSON Schema of job results, progress, usage and action payloads"),
     "bench": ("kyrie_engine.bench", "measure RLS cost, queue throughput and latency, HTTP, analysis"),
 }
 

@@ -171,7 +171,12 @@ class Settings(DatabaseSettings):
         validation_alias=_env("KYRIE_MAX_HEADER_BYTES", "max_header_bytes"),
     )
 
-    @field_validator("internal_secret")
+    # The operator console (kyrie_engine.console) is served only when this is set.
+    console_token: SecretStr | None = Field(
+        default=None, validation_alias=_env("KYRIE_CONSOLE_TOKEN", "console_token")
+    )
+
+    @field_validator("internal_secret", "console_token")
     @classmethod
     def _valid_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -221,7 +226,8 @@ class Settings(DatabaseSettings):
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line (see kyrie_engine.logs)."""
-        values = [s.get_secret_value() for s in (self.internal_secret, self.groq_api_key) if s is not None]
+        held = (self.internal_secret, self.groq_api_key, self.console_token)
+        values = [s.get_secret_value() for s in held if s is not None]
         for dsn in (self.database_url, self.listen_database_url):
             password = urlsplit(dsn).password if dsn else None
             if password:

@@ -1,4 +1,5 @@
-"""Every route of the built app, walked: none answers without the secret, none under /ai without a user.
+"""Every route of the built app, walked: none answers without the secret, none under /ai without a user,
+none under /console without a signed-in operator's session.
 
 The walk reads the routes from the app itself, so a route added later is
 walked too: one built without `ai_route`/`job_route` (or a new public one not
@@ -29,11 +30,16 @@ from support import add_member, new_user, new_workspace
 from test_api import assert_error_contract
 from test_api_support import SECRET, asgi_client, build
 
-from kyrie_engine import queue
+from kyrie_engine import console, queue
 from kyrie_engine.api import job_route
 
 USER = "X-Kyrie-User-Id"
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+CONSOLE_TOKEN = "walker-console-token-" + "w" * 20
+# Cookies a console route must not take for a session: none, garbage, and a
+# well-formed session signed with another token.
+FORGED = console.Console("another-console-token-" + "x" * 20).keys.new_session("mallory")[1]
+NO_SESSION = [None, "garbage", FORGED, FORGED.split(".")[0] + "." + FORGED.split(".")[0]]
 
 
 @dataclass
@@ -54,7 +60,7 @@ async def world(db: asyncpg.Connection, db_dsn: str) -> AsyncIterator[World]:
     await add_member(db, workspace, member, "member")
     await new_workspace(db, stranger, "Elsewhere")
     job = (await queue.enqueue(db, "cfo.analyze", {}, workspace_id=workspace, user_id=owner)).id
-    app = build(db_dsn)
+    app = build(db_dsn, console_token=CONSOLE_TOKEN)
     async with asgi_client(app) as client:
         yield World(app, client, db, workspace, member, stranger, job)
 
@@ -102,6 +108,28 @@ def refusals(world: World) -> list[tuple[str, str | None, dict[str, Any], set[in
     ]
 
 
+async def _console_refusals(world: World, route: Route, method: str) -> list[str]:
+    """The console's rule: without a valid session, a page redirects to sign-in and anything
+    else is 401 `{message}`; neither answer names the job."""
+    wrong: list[str] = []
+    path = route.path.replace("{job_id}", str(world.job))
+    for cookie in NO_SESSION:
+        headers = {"Origin": "http://engine.test", "Cookie": f"kyrie_console={cookie}"} if cookie else {
+            "Origin": "http://engine.test"}
+        response = await world.client.request(method, path, headers=headers, data={"csrf": "x"})
+        name = f"{method} {route.path} with cookie {cookie and cookie[:10]!r}"
+        if method == "GET":
+            if response.status_code != 303 or response.headers.get("location") != "/console/login":
+                wrong.append(f"{name}: {response.status_code}")
+        elif response.status_code != 401:
+            wrong.append(f"{name}: {response.status_code}")
+        else:
+            assert_error_contract(response, 401)
+        if str(world.job) in response.text:
+            wrong.append(f"{name}: the answer names the job")
+    return wrong
+
+
 async def walk(world: World) -> list[str]:
     """What each guarded route did wrong (empty: every rule held); the database is checked too."""
     wrong: list[str] = []
@@ -110,7 +138,10 @@ async def walk(world: World) -> list[str]:
         assert isinstance(route, Route), f"{route!r}: the walker knows plain routes only"
         for method in sorted((route.methods or set()) - {"HEAD"}):
             name = f"{method} {route.path}"
-            if route.path in PUBLIC:
+            if route.path in PUBLIC or route.path in console.PUBLIC:
+                continue
+            if route.path.startswith("/console"):
+                wrong += await _console_refusals(world, route, method)
                 continue
             no_secret = _request(world, route, method, str(world.member))
             no_secret["headers"] = [h for h in no_secret["headers"] if h[0] != "X-Internal-Secret"]
@@ -130,9 +161,12 @@ async def walk(world: World) -> list[str]:
 
 async def test_every_route_refuses_without_the_secret_and_without_a_valid_user(world: World) -> None:
     assert await walk(world) == []
-    guarded = {r.path for r in world.app.routes if isinstance(r, Route)} - PUBLIC
-    assert guarded == {"/ai/cfo/analyze", "/ai/jobs/{job_id}", "/ai/jobs/{job_id}/events",
-                       "/ai/jobs/{job_id}/cancel"}
+    guarded = {r.path for r in world.app.routes if isinstance(r, Route)} - PUBLIC - console.PUBLIC
+    assert {p for p in guarded if not p.startswith("/console")} == {
+        "/ai/cfo/analyze", "/ai/jobs/{job_id}", "/ai/jobs/{job_id}/events", "/ai/jobs/{job_id}/cancel"}
+    assert {p for p in guarded if p.startswith("/console")} == {
+        "/console", "/console/live", "/console/jobs", "/console/jobs/{job_id}", "/console/jobs/{job_id}/live",
+        "/console/jobs/{job_id}/retry", "/console/jobs/{job_id}/cancel", "/console/logout"}
     assert await world.db.fetchval("select count(*) from public.jobs") == 1
 
 
@@ -142,8 +176,8 @@ async def test_the_walked_requests_are_accepted_from_the_member(world: World) ->
     in-process transport reads a response to its end) and the cancel changes nothing."""
     await queue.cancel_job(world.db, world.job)
     for route in world.app.routes:
-        if route.path in PUBLIC:  # type: ignore[attr-defined]
-            continue
+        if route.path in PUBLIC or route.path.startswith("/console"):  # type: ignore[attr-defined]
+            continue  # the console's sessions: tests/test_console.py
         for method in sorted(route.methods - {"HEAD"}):  # type: ignore[attr-defined]
             request = world.client.build_request(**_request(world, route, method, str(world.member)))  # type: ignore[arg-type]
             response = await world.client.send(request, stream=True)
@@ -162,7 +196,10 @@ async def test_the_walker_catches_a_route_built_without_the_rules(world: World) 
     world.app.router.routes.append(Route("/ai/jobs/{job_id}/peek", peek, methods=["GET"]))
     world.app.router.routes.append(Route("/debug/{job_id}", peek, methods=["GET"]))
     world.app.router.routes.append(job_route("/ai/jobs/{job_id}/fine", peek_for_member, methods=["GET"]))
+    world.app.router.routes.append(Route("/console/jobs/{job_id}/peek", peek, methods=["GET"]))
+    world.app.router.routes.append(console.routes()[-1])  # built by the factory: passes
     wrong = await walk(world)
+    assert any(w.startswith("GET /console/jobs/{job_id}/peek with cookie None") for w in wrong), wrong
     assert any(w.startswith("GET /ai/jobs/{job_id}/peek without the secret") for w in wrong), wrong
     assert any(w.startswith("GET /ai/jobs/{job_id}/peek with no user") for w in wrong), wrong
     assert any(w.startswith("GET /debug/{job_id}") for w in wrong), wrong

@@ -46,6 +46,7 @@ from kyrie_engine.agents.report import (
 )
 from kyrie_engine.context import JobContext, PermanentFailure, RetryLater
 from kyrie_engine.queue import to_json
+from kyrie_engine.results import check_cfo_result
 from kyrie_engine.settings import Settings
 
 KIND = "cfo.analyze"
@@ -185,6 +186,7 @@ class CFOAnalysis:
             assert len(rows) == len(actions)
             wall = time.perf_counter() - started
             result = self._result(scope, report, run, reader, actions, wall)
+            check_cfo_result(result)  # the shape `kyrie-engine schema` publishes to the app
             await job.complete(conn, result, usage=self._usage(run))
 
     # -- steps ----------------------------------------------------------------

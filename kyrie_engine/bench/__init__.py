@@ -23,8 +23,8 @@ import asyncpg
 
 from kyrie_engine.migrate import migrate_dsn
 
-SECTIONS = ("rls", "queue", "http", "cfo", "soak")
-DEFAULT_SECTIONS = ("rls", "queue", "http", "cfo")  # soak takes minutes: --only soak
+SECTIONS = ("rls", "queue", "http", "cfo", "soak", "console")
+DEFAULT_SECTIONS = ("rls", "queue", "http", "cfo")  # soak takes minutes: --only soak; console: --only console
 
 
 def _with_database(dsn: str, name: str) -> str:
