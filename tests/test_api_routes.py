@@ -166,7 +166,8 @@ async def test_every_route_refuses_without_the_secret_and_without_a_valid_user(w
         "/ai/cfo/analyze", "/ai/jobs/{job_id}", "/ai/jobs/{job_id}/events", "/ai/jobs/{job_id}/cancel"}
     assert {p for p in guarded if p.startswith("/console")} == {
         "/console", "/console/live", "/console/jobs", "/console/jobs/{job_id}", "/console/jobs/{job_id}/live",
-        "/console/jobs/{job_id}/retry", "/console/jobs/{job_id}/cancel", "/console/logout"}
+        "/console/jobs/{job_id}/retry", "/console/jobs/{job_id}/cancel", "/console/logout",
+        "/console/schedules"}
     assert await world.db.fetchval("select count(*) from public.jobs") == 1
 
 

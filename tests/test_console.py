@@ -346,3 +346,17 @@ async def test_a_cfo_job_page_shows_its_usage_result_and_proposed_actions(
     assert 'class="pill accepted"' in page and 'class="pill proposed"' in page
     assert "total_tokens" in page and "narrative" in page and "attempt 1 completed" in page
     assert str(books.workspace_id) in page  # an operator's view names the workspace
+
+
+async def test_the_schedules_page_shows_each_schedule_its_last_job_and_next_slot(site: Site) -> None:
+    await site.sign_in()
+    assert "No schedules yet" in (await site.client.get("/console/schedules")).text
+    await site.db.execute(
+        "insert into kyrie.schedules (name, cron, timezone, kind, enabled)"
+        " values ('monday-cfo', '0 7 * * 1', 'Europe/Paris', 'cfo.analyze', true),"
+        "        ('paused', '*/5 * * * *', 'UTC', 'test.kind', false)"
+    )
+    page = (await site.client.get("/console/schedules")).text
+    for shown in ("monday-cfo", "0 7 * * 1", "Europe/Paris", "cfo.analyze", "enabled", "paused", "disabled"):
+        assert shown in page, shown
+    assert TOKEN not in page

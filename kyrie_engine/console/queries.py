@@ -46,6 +46,8 @@ where status = $1 and ($2::text is null or kind = $2)
   and ($3::timestamptz is null or (created_at, id) < ($3, $4::uuid))
 order by created_at desc, id desc limit $5
 """
+# kyrie.schedule_status (migration 20261201000501): a handful of rows, by name.
+SCHEDULES_SQL = "select * from kyrie.schedule_status"
 RANGES = {
     "hour": (dt.timedelta(hours=1), dt.timedelta(minutes=1)),
     "day": (dt.timedelta(days=1), dt.timedelta(minutes=15)),
@@ -129,3 +131,8 @@ async def jobs_page(
 ) -> list[asyncpg.Record]:
     at, last = before if before is not None else (None, None)
     return list(await conn.fetch(JOBS_SQL, status, kind, at, last, limit))
+
+
+async def schedules(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every schedule with its last slot enqueued (and that job) and its next slot."""
+    return list(await conn.fetch(SCHEDULES_SQL))

@@ -367,6 +367,12 @@ async def jobs(request: Request) -> Response:
                   page="jobs")
 
 
+async def schedules(request: Request) -> Response:
+    async with _pool(request).acquire() as conn:
+        rows = await queries.schedules(conn)
+    return render(request, "schedules.html", schedules=rows, page="schedules")
+
+
 async def _job_html(request: Request, job_id: uuid.UUID) -> str | None:
     async with _pool(request).acquire() as conn:
         story = await queries.job_story(conn, job_id)
@@ -431,9 +437,8 @@ PUBLIC = {f"{PREFIX}/login", f"{PREFIX}/static/{{name}}"}
 
 
 def routes() -> list[Route]:
-    """The console's routes.  Schedules and the model budget get their pages here once their
-    tables (kyrie.schedules, the budget's) are on main: a query in queries.py, a template, and
-    one `console_route` line each; the walker in tests/test_api_routes.py then covers them."""
+    """The console's routes.  A page is a query in queries.py, a template, and one
+    `console_route` line; the walker in tests/test_api_routes.py then covers it."""
     return [
         Route(f"{PREFIX}/login", login_form, methods=["GET"], name="console_login_form"),
         Route(f"{PREFIX}/login", login, methods=["POST"], name="console_login"),
@@ -443,6 +448,7 @@ def routes() -> list[Route]:
         console_route("/jobs", jobs, methods=["GET"]),
         console_route("/jobs/{job_id}", job, methods=["GET"]),
         console_route("/jobs/{job_id}/live", job_live, methods=["GET"]),
+        console_route("/schedules", schedules, methods=["GET"]),
         console_action("/jobs/{job_id}/retry", retry),
         console_action("/jobs/{job_id}/cancel", cancel),
         console_action("/logout", logout),
