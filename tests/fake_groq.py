@@ -394,11 +394,11 @@ class FakeGroq:
                 reply = error(500, f"the fake server's script raised {exc!r}", type="fake_script_error")
         if self._limiter is not None and request.url.path == COMPLETIONS_PATH:
             reply = self._limited(body, reply)
-        with self._lock:
-            self.served[reply.status] += 1
         record.reply = reply
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        with self._lock:
+            self.served[reply.status] += 1  # sent: a reply held until the client is gone is not
         return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
 
