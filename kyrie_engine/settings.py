@@ -170,6 +170,21 @@ class Settings(DatabaseSettings):
         default=16 * 1024, ge=1024, le=1024 * 1024,
         validation_alias=_env("KYRIE_MAX_HEADER_BYTES", "max_header_bytes"),
     )
+    # The shared Groq budget (kyrie_engine.agents.budget), seeded at a worker's first job.
+    # Groq's headers report TPM and RPD (and correct these); RPM and TPD are only known from here.
+    # The default RPM is Groq's free tier for llama-3.3-70b-versatile: set your organisation's.
+    groq_rpm: int | None = Field(default=30, ge=1, validation_alias=_env("KYRIE_GROQ_RPM", "groq_rpm"))
+    groq_tpm: int | None = Field(default=None, ge=1, validation_alias=_env("KYRIE_GROQ_TPM", "groq_tpm"))
+    groq_rpd: int | None = Field(default=None, ge=1, validation_alias=_env("KYRIE_GROQ_RPD", "groq_rpd"))
+    groq_tpd: int | None = Field(default=None, ge=1, validation_alias=_env("KYRIE_GROQ_TPD", "groq_tpd"))
+    budget_window_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        validation_alias=_env("KYRIE_BUDGET_WINDOW_SECONDS", "budget_window_seconds"),
+    )
+    budget_max_wait_seconds: float = Field(
+        default=3.0, ge=0, le=60,
+        validation_alias=_env("KYRIE_BUDGET_MAX_WAIT_SECONDS", "budget_max_wait_seconds"),
+    )
 
     # The operator console (kyrie_engine.console) is served only when this is set.
     console_token: SecretStr | None = Field(

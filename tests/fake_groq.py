@@ -7,7 +7,16 @@ it: replies queued with `push()` are used first, in order; after that every
 request goes to `fallback`, by default `cfo_brain`, a stand-in model that
 drives the CFO tool-calling conversation by reading the tool results in the
 messages.  Every request (headers and JSON body) and every reply is recorded
-for assertions.
+for assertions, and `served` counts the answers by status.
+
+With `limits` set (`FakeLimits`), it enforces requests and tokens per window
+as Groq does: token buckets refilled continuously, a request's tokens being
+its prompt (its JSON at 4 characters a token, which is what the usage it
+reports says) plus the completion it is about to return; every answer carries
+Groq's `x-ratelimit-*` headers (`limit-requests` is the day's requests,
+`limit-tokens` the window's tokens; RPM is enforced but, as with Groq, never
+reported), and a request past a limit gets a 429 with `retry-after`.  The
+window is a parameter, so a test compresses a minute into seconds.
 
 uvicorn runs in a thread of its own, not on the test's event loop: the SDK is
 synchronous and is called from the agent's worker thread while the test's
@@ -17,6 +26,7 @@ loop runs the Worker, so the server must not depend on either of them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import socket
@@ -57,6 +67,7 @@ class Recorded:
     headers: dict[str, str]  # lower-cased names
     body: dict[str, Any]
     reply: Reply | None = None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -254,6 +265,77 @@ def cfo_brain(body: dict[str, Any], *, wrong_by: float = 0.0) -> Reply:
     return completion(json.dumps(report), prompt_tokens=900 + asked, completion_tokens=250)
 
 
+# -- rate limits, as Groq enforces and reports them ---------------------------------------
+
+
+@dataclass
+class FakeLimits:
+    """What the fake organisation may spend per `window` seconds (and per day: 1440 windows)."""
+
+    rpm: int
+    tpm: int
+    rpd: int = 14_400
+    window: float = 60.0
+
+
+class _Bucket:
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit, self.period = limit, period
+        self.level = float(limit)
+        self.at = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.limit, self.level + (now - self.at) * self.limit / self.period)
+        self.at = now
+
+    def wait(self, cost: float) -> float:
+        cost = min(cost, self.limit)
+        return 0.0 if self.level >= cost else (cost - self.level) * self.period / self.limit
+
+    def until_full(self) -> float:
+        return (self.limit - self.level) * self.period / self.limit
+
+
+def groq_duration(seconds: float) -> str:
+    """Seconds as Groq writes its resets: "7.66s", "2m59.56s"."""
+    minutes, rest = divmod(max(0.0, seconds), 60)
+    return f"{int(minutes)}m{rest:.2f}s" if minutes else f"{rest:.2f}s"
+
+
+def prompt_tokens_of(body: dict[str, Any]) -> int:
+    return (len(json.dumps(body.get("messages") or [])) + len(json.dumps(body.get("tools") or []))) // 4
+
+
+class _Limiter:
+    def __init__(self, limits: FakeLimits) -> None:
+        self.limits = limits
+        self.requests = _Bucket(limits.rpm, limits.window)
+        self.tokens = _Bucket(limits.tpm, limits.window)
+        self.day = _Bucket(limits.rpd, limits.window * 1440)
+
+    def admit(self, tokens: int) -> tuple[float, dict[str, str]]:
+        """(0, headers) and the request is counted, or (seconds to wait, headers) and it is not."""
+        now = time.monotonic()
+        for bucket in (self.requests, self.tokens, self.day):
+            bucket.refill(now)
+        wait = max(self.requests.wait(1), self.tokens.wait(tokens), self.day.wait(1))
+        if wait == 0:
+            self.requests.level -= 1
+            self.tokens.level -= tokens
+            self.day.level -= 1
+        headers = {
+            "x-ratelimit-limit-requests": str(self.limits.rpd),
+            "x-ratelimit-limit-tokens": str(self.limits.tpm),
+            "x-ratelimit-remaining-requests": str(max(0, int(self.day.level))),
+            "x-ratelimit-remaining-tokens": str(max(0, int(self.tokens.level))),
+            "x-ratelimit-reset-requests": groq_duration(self.day.until_full()),
+            "x-ratelimit-reset-tokens": groq_duration(self.tokens.until_full()),
+        }
+        if wait:
+            headers["retry-after"] = f"{wait:.3f}"
+        return wait, headers
+
+
 # -- the server ------------------------------------------------------------------------
 
 
@@ -264,10 +346,16 @@ class FakeGroq:
         self.requests: list[Recorded] = []
         self.script_errors: list[str] = []  # tracebacks of scripted steps that raised
         self.fallback: Callable[[dict[str, Any]], Reply] = cfo_brain
+        self.served: collections.Counter[int] = collections.Counter()  # answers by status
+        self._limiter: _Limiter | None = None
         self._script: deque[Step] = deque()
         self._lock = threading.Lock()
         self.url = ""
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
+
+    def limit(self, limits: FakeLimits) -> None:
+        """Enforce and report these limits from now on (see the module docstring)."""
+        self._limiter = _Limiter(limits)
 
     def push(self, *steps: Step) -> None:
         """Queue replies (or functions of the request body) for the next requests, in order."""
@@ -304,10 +392,32 @@ class FakeGroq:
             except Exception as exc:  # a bug in the test's script, not a Groq behaviour: keep it loud
                 self.script_errors.append(traceback.format_exc())
                 reply = error(500, f"the fake server's script raised {exc!r}", type="fake_script_error")
+        if self._limiter is not None and request.url.path == COMPLETIONS_PATH:
+            reply = self._limited(body, reply)
         record.reply = reply
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        with self._lock:
+            self.served[reply.status] += 1  # sent: a reply held until the client is gone is not
         return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+    def _limited(self, body: dict[str, Any], reply: Reply) -> Reply:
+        """The reply as a rate-limited Groq sends it: usage from the request's size, limits enforced."""
+        assert self._limiter is not None
+        tokens = prompt_tokens_of(body)
+        if reply.status == 200:
+            usage = dict(reply.body["usage"], prompt_tokens=tokens)
+            usage["total_tokens"] = tokens + int(usage["completion_tokens"])
+            reply = Reply(200, {**reply.body, "usage": usage}, dict(reply.headers), reply.delay)
+            tokens = usage["total_tokens"]
+        with self._lock:
+            wait, headers = self._limiter.admit(tokens)
+        if wait:
+            limited = rate_limited(retry_after=headers.pop("retry-after"))
+            limited.headers.update(headers)
+            return limited
+        return Reply(reply.status, reply.body, {**reply.headers, **headers}, reply.delay)
 
 
 @contextmanager

@@ -211,9 +211,14 @@ async def test_rate_limit_reschedules_after_the_advised_delay_without_using_an_a
     delay = dt.timedelta(seconds=advised)
     assert before + delay <= job.run_at <= after + delay
     assert await action_count(db, job.id) == 0
+    # The shared budget remembers the advice: no worker asks before it has passed.
+    blocked = await db.fetchval("select blocked_until from kyrie.model_budgets where model = $1", MODEL)
+    assert before + delay <= blocked <= after + delay
 
-    # Once due, it runs again from the start and completes with its first counted attempt.
+    # Once due, it runs again (the tool round replayed from the store, see
+    # test_model_calls.py) and completes with its first counted attempt.
     await db.execute("update public.jobs set run_at = now() where id = $1", job.id)
+    await db.execute("update kyrie.model_budgets set blocked_until = null")
     job = await drain(db_dsn, db, job.id, fake)
     assert job.status == "completed", job.error
     assert job.attempts == 1
@@ -380,7 +385,7 @@ def obeying_brain(body: dict[str, Any]) -> Any:
 @pytest.mark.parametrize(
     ("brain", "problem"),
     [
-        (obeying_brain, "actions[0].title writes '12.5k': write no numbers"),
+        (obeying_brain, "actions[0].title writes '12.5k'"),  # the rest of the reason is cut to fit
         (misquoting_brain, "narrative writes "),
         (prose_brain, "the answer must be one JSON object with narrative and actions"),
     ],

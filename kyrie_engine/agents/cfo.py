@@ -8,12 +8,18 @@
     writing actions     in ONE transaction: the proposed ai_actions, and the job's
                         completion with the report and the model's token usage
 
-What happens to failures: a 429 reschedules the job after the advised delay
-without using an attempt (RetryLater); an answer that still fails the checks
-after `report_attempts` questions, a refused request or a bad payload fail
-the job for good (PermanentFailure: asking again would not help); anything
-else (Groq down past the in-call retries, the database gone) fails the
-attempt and the queue retries it with backoff.
+Model calls are durable and paced (a GroqLLM bound to the job, see
+`replay.py` and `budget.py`): answers already stored for this job are
+replayed instead of asked again, and every request first takes its share of
+the shared Groq budget, seeded from settings at the first job.
+
+What happens to failures: a 429 (or a budget that asks for a long wait)
+reschedules the job after the advised delay without using an attempt
+(RetryLater); an answer that still fails the checks after `report_attempts`
+questions, a refused request or a bad payload fail the job for good
+(PermanentFailure: asking again would not help); anything else (Groq down
+past the in-call retries, the database gone) fails the attempt and the queue
+retries it with backoff.
 
 This module does not import CrewAI: the models and the crew are imported in
 the worker thread that runs the agent, on the first job.
@@ -33,8 +39,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kyrie_engine.agents import budget
 from kyrie_engine.agents.errors import ModelRateLimited, ModelRefused
 from kyrie_engine.agents.figures import AnalysisRequest, FigureReader, Scope, plain
+from kyrie_engine.agents.replay import JobModelCalls
 from kyrie_engine.agents.report import (
     Ledger,
     RenderedReport,
@@ -100,6 +108,7 @@ def _ask(
     loop: asyncio.AbstractEventLoop,
     stop: threading.Event,
     feedback: str | None,
+    calls: Any = None,
 ) -> str:
     """In the worker thread (where CrewAI is imported): build the model once per job, run the crew once."""
     from kyrie_engine.agents import crew
@@ -108,6 +117,8 @@ def _ask(
     if run.llm is None:
         run.llm = make_model()
         run.llm.bind_stop(stop)
+        if calls is not None and hasattr(run.llm, "bind_calls"):  # the offline model has nothing to pay
+            run.llm.bind_calls(calls)
     return crew.run(run.llm, ToolRuntime(reader, loop, run.ledger, stop), feedback)
 
 
@@ -134,16 +145,25 @@ class CFOAnalysis:
         model_name: str,
         report_attempts: int = 3,
         today: Callable[[], dt.date] = lambda: dt.datetime.now(dt.UTC).date(),
+        limits: budget.Limits | None = None,
+        max_wait_seconds: float = 3.0,
     ) -> None:
         self.model = model
         self.model_name = model_name
         self.report_attempts = report_attempts
         self.today = today
+        self.limits = limits  # seeded into the shared budget at the first job (None: headers only)
+        self.max_wait_seconds = max_wait_seconds
+        self._seeded = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CFOAnalysis:
         model, name = model_from_settings(settings)
-        return cls(model, model_name=name)
+        limits = budget.Limits(
+            rpm=settings.groq_rpm, tpm=settings.groq_tpm, rpd=settings.groq_rpd, tpd=settings.groq_tpd,
+            window_seconds=settings.budget_window_seconds,
+        )
+        return cls(model, model_name=name, limits=limits, max_wait_seconds=settings.budget_max_wait_seconds)
 
     async def __call__(self, job: JobContext) -> None:
         started = time.perf_counter()
@@ -154,6 +174,9 @@ class CFOAnalysis:
         if not await reader.can_read_workspace():
             raise PermanentFailure(f"user {scope.user_id} is not a member of workspace {scope.workspace_id}")
         reader.prefetch()  # the figures' one pass overlaps the agent's start
+        if self.limits is not None and not self._seeded:
+            await budget.seed(job.pool, self.model_name, self.limits)
+            self._seeded = True
 
         stop = threading.Event()
         run = _Run()
@@ -213,6 +236,9 @@ class CFOAnalysis:
         """Ask, check and render, ask again with the reason; the last reason is the job's error."""
         feedback: str | None = None
         loop = asyncio.get_running_loop()
+        calls = JobModelCalls(
+            job.pool, loop, job.id, job.attempt, self.model_name, stop, max_wait_seconds=self.max_wait_seconds
+        )
         # CrewAI takes seconds to import, once per process: in the job's wall
         # time the first time, but not counted as the agent loop's.
         await asyncio.to_thread(importlib.import_module, "kyrie_engine.agents.crew")
@@ -227,7 +253,7 @@ class CFOAnalysis:
             sql_before = reader.sql_seconds
             asked = time.perf_counter()
             try:
-                answer = await asyncio.to_thread(_ask, self.model, run, reader, loop, stop, feedback)
+                answer = await asyncio.to_thread(_ask, self.model, run, reader, loop, stop, feedback, calls)
             finally:
                 run.crew_seconds += time.perf_counter() - asked
                 run.tool_sql_seconds += reader.sql_seconds - sql_before

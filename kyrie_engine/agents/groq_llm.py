@@ -20,6 +20,13 @@ Failures are sorted here, because each needs a different fate:
 
 Token usage is added up on the instance (`get_token_usage_summary()`), and
 the handler records it on the job.
+
+Bound to a job (`bind_calls`, see `replay.py`), every request is first
+looked up in the job's stored calls (an answered one is replayed, not sent),
+then takes its estimated tokens and one request from the shared budget (see
+`budget.py`: a short wait is slept here, a long one is `ModelRateLimited`),
+and its response is stored, its tokens counted and the budget corrected from
+the real usage and Groq's `x-ratelimit-*` headers (the SDK's raw response).
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ from typing import Any
 import groq
 import httpx
 from crewai.llms.base_llm import BaseLLM
+from groq.types.chat import ChatCompletion
 from pydantic import PrivateAttr
 
+from kyrie_engine.agents.budget import RateHeaders
 from kyrie_engine.agents.errors import AnalysisStopped, ModelRateLimited, ModelRefused, ModelUnavailable
+from kyrie_engine.agents.replay import JobModelCalls, estimate_tokens, request_hash
 
 DEFAULT_MODEL = "llama-3.3-70b-versatile"
 # Groq's context window for llama-3.3-70b-versatile; CrewAI compacts the
@@ -104,13 +114,23 @@ class GroqLLM(BaseLLM):
     server_retries: int = 2
     backoff_seconds: float = 1.0
     max_completion_tokens: int = 4096
+    # The output tokens a request is assumed to spend until its usage is known
+    # (its whole max_completion_tokens would hold most of the minute's budget back).
+    completion_share: int = 512
 
     _client: groq.Groq | None = PrivateAttr(default=None)
+    _calls: JobModelCalls | None = PrivateAttr(default=None)
+    _seq: int = PrivateAttr(default=0)
     _stop: threading.Event | None = PrivateAttr(default=None)
     _model_seconds: float = PrivateAttr(default=0.0)
 
     def bind_stop(self, stop: threading.Event) -> None:
         self._stop = stop
+
+    def bind_calls(self, calls: JobModelCalls) -> None:
+        """Replay, store and pace this job's requests (see the module docstring)."""
+        self._calls = calls
+        self._seq = 0
 
     @property
     def model_seconds(self) -> float:
@@ -162,7 +182,15 @@ class GroqLLM(BaseLLM):
         if tools:
             params["tools"] = tools
             params["tool_choice"] = "auto"
-        completion = self._complete(params)
+        seq, self._seq = self._seq, self._seq + 1
+        completion = None
+        digest = request_hash(params)
+        if self._calls is not None:
+            stored = self._calls.replay(seq, digest)
+            if stored is not None:
+                completion = ChatCompletion.model_validate(stored)
+        if completion is None:
+            completion = self._complete(params, seq, digest)
 
         usage = completion.usage
         if usage is not None:
@@ -174,7 +202,7 @@ class GroqLLM(BaseLLM):
                 }
             )
         message = completion.choices[0].message
-        calls = [
+        calls: list[dict[str, Any]] = [
             {
                 "id": c.id,
                 "type": "function",
@@ -199,20 +227,33 @@ class GroqLLM(BaseLLM):
 
     # -- one request, with the retries it deserves ------------------------------
 
-    def _complete(self, params: dict[str, Any]) -> Any:
+    def _complete(self, params: dict[str, Any], seq: int, digest: bytes) -> ChatCompletion:
+        calls = self._calls
+        estimate = estimate_tokens(params, self.completion_share)
         tries = 0
         while True:
             if self._stop is not None and self._stop.is_set():
                 raise AnalysisStopped("the job was cancelled or lost")
             tries += 1
+            if calls is not None:
+                calls.take(estimate)
             started = time.perf_counter()
             limited: float | None = None
             failure: str | None = None
+            refused: str | None = None
+            headers: httpx.Headers | None = None
+            completion: ChatCompletion | None = None
             try:
-                return self._groq().chat.completions.create(**params)
+                raw = self._groq().chat.completions.with_raw_response.create(**params)
+                headers = raw.headers
+                parsed = raw.parse()
+                assert isinstance(parsed, ChatCompletion)  # streaming is off
+                completion = parsed
             except groq.RateLimitError as exc:
                 limited = retry_after_seconds(exc.response)
+                headers = exc.response.headers
             except groq.APIStatusError as exc:
+                headers = exc.response.headers
                 if exc.status_code >= 500 or exc.status_code == 408 or _tool_use_failed(exc):
                     failure = f"HTTP {exc.status_code}: {_provider_message(exc, self.api_key)}"
                 else:
@@ -220,21 +261,46 @@ class GroqLLM(BaseLLM):
                         f"Groq refused the request (HTTP {exc.status_code}): "
                         f"{_provider_message(exc, self.api_key)}"
                     )
-                    raise ModelRefused(refused) from None
             except groq.APITimeoutError:
                 failure = f"no answer within {self.timeout:g}s"
             except groq.APIConnectionError as exc:
                 failure = f"connection failed ({exc.__cause__ or exc})"
             finally:
                 self._model_seconds += time.perf_counter() - started
+            if completion is not None:
+                if calls is not None:
+                    self._spent(calls, estimate, seq, digest, headers, completion)
+                return completion
+            if calls is not None:
+                # A request that got no answer spent no tokens: give the estimate back, learn the headers.
+                calls.settle(estimate, None, RateHeaders.of(headers))
+                if limited is not None:
+                    calls.rate_limited(limited)
             # Raised here, outside the except blocks, so that nothing is
             # chained to it that CrewAI's own rate-limit retry would recognise.
+            if refused is not None:
+                raise ModelRefused(refused)
             if limited is not None:
                 raise ModelRateLimited(limited)
             if tries > self.server_retries:
                 raise ModelUnavailable(f"Groq failed {tries} times in a row; last: {failure}")
             delay = self.backoff_seconds * 2 ** (tries - 1)
             time.sleep(delay / 2 + random.random() * delay / 2)  # noqa: S311 (jitter, not crypto)
+
+    def _spent(
+        self,
+        calls: JobModelCalls,
+        estimate: int,
+        seq: int,
+        digest: bytes,
+        headers: httpx.Headers | None,
+        completion: ChatCompletion,
+    ) -> None:
+        usage = completion.usage
+        prompt = usage.prompt_tokens if usage is not None else 0
+        output = usage.completion_tokens if usage is not None else 0
+        calls.settle(estimate, prompt + output, RateHeaders.of(headers))
+        calls.record(seq, digest, completion.model_dump(mode="json"), prompt, output)
 
 
 def _provider_message(exc: groq.APIStatusError, api_key: str | None) -> str:
