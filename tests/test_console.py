@@ -360,3 +360,13 @@ async def test_the_schedules_page_shows_each_schedule_its_last_job_and_next_slot
     for shown in ("monday-cfo", "0 7 * * 1", "Europe/Paris", "cfo.analyze", "enabled", "paused", "disabled"):
         assert shown in page, shown
     assert TOKEN not in page
+
+
+async def test_the_budget_shows_each_models_limits_and_what_was_spent(site: Site) -> None:
+    await site.sign_in()
+    assert "No model budget yet" in (await site.client.get("/console/schedules")).text
+    await site.db.execute("select kyrie.seed_model_budget('llama-3.3-70b-versatile', 30, 12000, 1000, null)")
+    await site.db.execute("select kyrie.take_model_budget('llama-3.3-70b-versatile', 900)")
+    page = (await site.client.get("/console/schedules")).text
+    for shown in ("Groq budget", "llama-3.3-70b-versatile", "/ 30", "/ 12000", "/ 1000", "<meter"):
+        assert shown in page, shown

@@ -48,6 +48,8 @@ order by created_at desc, id desc limit $5
 """
 # kyrie.schedule_status (migration 20261201000501): a handful of rows, by name.
 SCHEDULES_SQL = "select * from kyrie.schedule_status"
+# kyrie.model_budget_status (migration 20261201000602): one row per model.
+BUDGETS_SQL = "select * from kyrie.model_budget_status order by model"
 RANGES = {
     "hour": (dt.timedelta(hours=1), dt.timedelta(minutes=1)),
     "day": (dt.timedelta(days=1), dt.timedelta(minutes=15)),
@@ -136,3 +138,8 @@ async def jobs_page(
 async def schedules(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """Every schedule with its last slot enqueued (and that job) and its next slot."""
     return list(await conn.fetch(SCHEDULES_SQL))
+
+
+async def budgets(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Each model's shared Groq budget: its limits, what is left now and what was spent."""
+    return list(await conn.fetch(BUDGETS_SQL))

@@ -370,7 +370,8 @@ async def jobs(request: Request) -> Response:
 async def schedules(request: Request) -> Response:
     async with _pool(request).acquire() as conn:
         rows = await queries.schedules(conn)
-    return render(request, "schedules.html", schedules=rows, page="schedules")
+        budgets = await queries.budgets(conn)
+    return render(request, "schedules.html", schedules=rows, budgets=budgets, page="schedules")
 
 
 async def _job_html(request: Request, job_id: uuid.UUID) -> str | None:
