@@ -564,3 +564,14 @@ async def test_a_period_that_leaves_the_calendar_fails_once_for_good(
     assert "the period cannot be resolved" in job["error"]
     assert job["usage"] in ({}, None) or not job["usage"].get("total_tokens")
     assert await actions_of(db) == []
+
+
+async def test_a_workspace_of_fifty_contracts_gets_a_report_that_fits(db: asyncpg.Connection, db_dsn: str) -> None:
+    """The bench's shape (fifty contracts, each with hours in the period): the offline model used
+    to name every one of them, and its report outgrew the narrative's length; the job failed."""
+    from kyrie_engine.seed import seed_volume
+
+    seeded = await seed_volume(db, dt.date(2026, 11, 30), contracts=50, worklogs=2_000)
+    job = await analyse(db_dsn, db, seeded.workspace_id, seeded.owner_id, {})
+    assert job["status"] == "completed", job["error"]
+    assert len(job["result"]["narrative"]) <= 8000

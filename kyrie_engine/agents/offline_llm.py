@@ -36,6 +36,8 @@ from kyrie_engine.agents.report import ACTION_RULES
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _FIRST_TOOLS = ("contract_figures", "currency_totals", "worklog_anomalies")
+# At most this many contracts named in each part of the narrative (the tools list them all).
+MOST = 5
 
 
 def _money(value: Any) -> str:
@@ -168,7 +170,9 @@ class OfflineLLM(BaseLLM):
                 f"{total(t, 'unbilled_value')} ({total(t, 'unbilled_hours')} hours) is still unbilled."
             )
 
-        for c in _overrun(contracts):
+        # A summary names the few that matter most, as a model would: a
+        # workspace of fifty contracts must not outgrow the report's length.
+        for c in _overrun(contracts)[:MOST]:
             name = f"{ref(c, 'title')} for {ref(c, 'client_name')}"
             used, budget = ref(c, "budget_used_pct"), ref(c, "budget_hours")
             if c["over_budget"]:
@@ -185,7 +189,7 @@ class OfflineLLM(BaseLLM):
             propose("flag_budget_overrun", c, f"Budget alert: {ref(c, 'title')}",
                     f"{used}% of {budget} budgeted hours used.")
 
-        for c in _underpriced(contracts):
+        for c in _underpriced(contracts)[:MOST]:
             rate = ref(c, "effective_hourly_rate")
             budgets.append(
                 f"{ref(c, 'title')} for {ref(c, 'client_name')} now earns an effective {rate} "
@@ -206,6 +210,8 @@ class OfflineLLM(BaseLLM):
 
         end = figures["period_end"]
         for c in contracts:
+            if len(housekeeping) >= MOST:
+                break
             if c["status"] == "active" and c["end_date"] and c["end_date"] < end:
                 housekeeping.append(f"{ref(c, 'title')} ended on {ref(c, 'end_date')} but is still active.")
                 propose("close_contract", c, f"Close {ref(c, 'title')}", "Its end date has passed.")
