@@ -566,7 +566,9 @@ async def test_a_period_that_leaves_the_calendar_fails_once_for_good(
     assert await actions_of(db) == []
 
 
-async def test_a_workspace_of_fifty_contracts_gets_a_report_that_fits(db: asyncpg.Connection, db_dsn: str) -> None:
+async def test_a_workspace_of_fifty_contracts_gets_a_report_that_fits(
+    db: asyncpg.Connection, db_dsn: str
+) -> None:
     """The bench's shape (fifty contracts, each with hours in the period): the offline model used
     to name every one of them, and its report outgrew the narrative's length; the job failed."""
     from kyrie_engine.seed import seed_volume
