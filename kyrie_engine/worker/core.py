@@ -168,6 +168,13 @@ class Worker:
         self._attempts: dict[UUID, Attempt] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._kick = asyncio.Event()
+        # Whether a freed slot is worth a claim: the last claim was cut short
+        # by the free slots or a kind's room, or came back full.  Otherwise
+        # the queue had nothing more for us, and only a notification (or the
+        # poll) can change that: claiming at every finished job made three
+        # claims per job on a quiet worker, two of them empty.
+        self._slot_bound = True
+        self._draining = False
         self._ready = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -281,6 +288,8 @@ class Worker:
         self._kick.clear()
         self._ready.clear()
         self._stopping = self._stop_requested > 0
+        self._draining = drain
+        self._slot_bound = True
         if not self._stopping:
             self._stop_event.clear()
         await self._open_pools()
@@ -467,6 +476,7 @@ class Worker:
             for job in claimed:
                 self._start(job)
             backlog = bool(wanted) and len(claimed) == wanted
+            self._slot_bound = backlog or wanted == 0 or len(room) < len(self.handlers)
             if backlog:
                 continue  # a full batch: there may be more
             if drain and idle and not claimed:
@@ -502,14 +512,16 @@ class Worker:
             if self._attempts.get(ctx.id) is attempt:
                 del self._attempts[ctx.id]
             self.slots.finish(ctx.id, ctx.attempt)
-            self._wake()
+            if self._slot_bound:
+                self._wake()
         if isinstance(outcome, Failed):
             log.warning("job %s (%s) attempt %d failed: %s", ctx.id, ctx.kind, ctx.attempt, outcome.error)
         self.completer.put(Ended(ctx.id, ctx.attempt, outcome))
 
     def _written(self, ended: Ended) -> None:
         self.slots.let_go(ended.job_id, ended.attempt)
-        self._wake()
+        if self._draining and self.slots.idle:
+            self._wake()  # run_until_drained returns once nothing is held
 
 
 async def _session_unchanged(conn: asyncpg.Connection) -> None:
