@@ -95,3 +95,26 @@ async def test_a_side_loop_is_one_line_and_a_dying_one_stops_the_worker(db_dsn: 
         await asyncio.wait_for(worker.run(), 30)
     assert seen == [1] and "a bug in a side loop" in str(raised.value.__cause__)
     assert worker.loops.names == ["completer", "leases", "timeouts", "retention", "schedules", "side"]
+
+
+async def test_a_side_loop_may_return_only_while_the_worker_stops() -> None:
+    from kyrie_engine.worker.loops import Loops
+
+    died: list[str] = []
+    stopping = False
+    loops = Loops(lambda name, exc: died.append(f"{name}: {exc}"), lambda: stopping)
+    loops.add("early", lambda: asyncio.sleep(0))
+    loops.start()
+    await asyncio.sleep(0.05)
+    assert died == ["early: the early loop returned"]
+
+    stop = asyncio.Event()
+    died.clear()
+    loops = Loops(lambda name, exc: died.append(name), lambda: stopping)
+    loops.add("until-stopped", stop.wait)
+    loops.start()
+    stopping = True
+    stop.set()  # as the worker's stop() does: retention returns between purges
+    await asyncio.sleep(0.05)
+    await loops.stop()
+    assert died == []

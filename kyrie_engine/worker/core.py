@@ -193,15 +193,15 @@ class Worker:
             lease_seconds=lease_seconds, heartbeat_seconds=self.heartbeat_seconds,
             poll_seconds=poll_seconds, outage=self.outage, stats=self.stats, on_reclaimed=self._wake,
         )
-        self.loops = Loops(self._loop_died)
+        self.loops = Loops(self._loop_died, lambda: self._stopping)
         self.loops.add("completer", self.completer.run)
         self.loops.add("leases", self.leases.run)
         self.loops.add("timeouts", self._enforce_timeouts)
         if keep_completed is not None or keep_failed is not None:
-            # Stopped like every side loop, by cancellation: a loop that
-            # returns is taken for a dead one, so its own stop never fires.
+            # It ends between purges when the worker stops (its stop event),
+            # or is cancelled with the other side loops.
             self.loops.add("retention", lambda: retention.run(
-                self.db, keep_completed, keep_failed, asyncio.Event(), outage=self.outage))
+                self.db, keep_completed, keep_failed, self._stop_event, outage=self.outage))
         if run_schedules:
             # Every worker, for any kinds: the database lets one enqueue each slot.
             self.loops.add("schedules", lambda: schedules.run(

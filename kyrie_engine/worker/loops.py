@@ -3,6 +3,8 @@
 A loop handles the database's comings and goings itself (see `outages`), so
 one that ends by an exception is a bug: the worker must not go on claiming
 jobs it can no longer finish, so `on_fatal` stops it (and `run()` raises).
+So is one that returns, unless the worker is stopping (`is_stopping`): a
+loop may then end on its own, as retention does when its stop event fires.
 Adding a loop (retention, a scheduler) is one `add` call in `Worker._loops`.
 """
 
@@ -18,8 +20,11 @@ log = logging.getLogger("kyrie_engine.worker")
 
 
 class Loops:
-    def __init__(self, on_fatal: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self, on_fatal: Callable[[str, BaseException], None], is_stopping: Callable[[], bool] = lambda: False
+    ) -> None:
         self._on_fatal = on_fatal
+        self._is_stopping = is_stopping
         self._factories: dict[str, Callable[[], Awaitable[None]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -49,6 +54,8 @@ class Loops:
             return
         exc = task.exception()
         if exc is None:
+            if self._is_stopping():
+                return
             exc = RuntimeError(f"the {name} loop returned")
         log.error("the %s loop died", name, exc_info=exc)
         self._on_fatal(name, exc)
