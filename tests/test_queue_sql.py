@@ -149,6 +149,47 @@ async def test_only_the_holder_of_an_attempt_may_finish_it(db: asyncpg.Connectio
     assert done is not None and (done.status, done.result, done.lease_owner) == ("completed", {"r": 2}, None)
 
 
+async def test_claims_and_batch_writes_never_scan_the_jobs_table(db: asyncpg.Connection) -> None:
+    """Statistics that say nobody holds anything (ANALYZE saw every job pending)
+    once planned each batch write as a scan of the whole table joined with
+    every id: 86 ms for 500 completions on 20,000 jobs, and growing with the
+    table.  pg_stat_xact_user_tables counts this transaction's own scans."""
+    await queue.enqueue_many(db, "test.kind", [{}] * 400)
+    await queue.enqueue_many(db, "test.kind", [{}] * 50, workspace_id=await new_workspace(
+        db, await new_user(db), "scans"))
+    await db.execute("analyze public.jobs")
+
+    async def scans(write: object) -> tuple[int, int]:
+        async with db.transaction():
+            await write  # type: ignore[misc]
+            row = await db.fetchrow("select seq_scan, idx_scan from pg_stat_xact_user_tables"
+                                    " where relid = 'public.jobs'::regclass")
+        return row["seq_scan"], row["idx_scan"]
+
+    claimed: list[queue.ClaimedJob] = []
+
+    async def claim_all() -> None:
+        claimed.extend(await claim(db, {"test.kind": 300}, limit=300))
+
+    assert (await scans(claim_all()))[0] == 0
+    done, failed, deferred, released = claimed[:100], claimed[100:150], claimed[150:200], claimed[200:250]
+    held = {j.id: j.attempt for j in claimed[250:]}
+    writes = [
+        queue.complete_jobs(db, OWNER, [(j.id, j.attempt, {"ok": True}) for j in done]),
+        queue.fail_jobs(db, OWNER, [queue.FailedAttempt(j.id, j.attempt, "boom", None, True)
+                                    for j in failed]),
+        queue.retry_later_jobs(db, OWNER, [queue.DeferredAttempt(j.id, j.attempt, 5, "later")
+                                           for j in deferred]),
+        queue.release_jobs(db, OWNER, {j.id: j.attempt for j in released}),
+        queue.heartbeat_jobs(db, OWNER, held, 30),
+    ]
+    for write in writes:
+        seq, idx = await scans(write)
+        assert (seq, idx > 0) == (0, True)
+    counts = await db.fetch("select status, count(*) from public.jobs group by status order by status")
+    assert {r["status"]: r["count"] for r in counts} == {"completed": 100, "pending": 300, "running": 50}
+
+
 async def test_failures_back_off_exponentially_until_max_attempts(db: asyncpg.Connection) -> None:
     enq = await queue.enqueue(db, "test.kind", {}, max_attempts=4)
     base = 10.0
