@@ -149,7 +149,9 @@ async def test_members_write_through_rls_and_see_only_their_workspaces_cells(db:
         "update public.worklogs set hours = 1 where work_date = '2026-02-02'"))
     await assert_cells_match(db)
 
-    seen = await as_user(a["member"], lambda c: c.fetch("select distinct workspace_id from kyrie.worklog_cells"))
+    seen = await as_user(
+        a["member"], lambda c: c.fetch("select distinct workspace_id from kyrie.worklog_cells")
+    )
     assert [r["workspace_id"] for r in seen] == [a["ws"]]
     assert b["ws"] != a["ws"]
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -163,7 +165,8 @@ async def test_cells_are_policed_exactly_like_the_worklogs(db: asyncpg.Connectio
     would count what the user may not read): this fails until both say the same."""
     policies = await db.fetch(
         "select tablename, roles::text[] as roles, qual from pg_policies "
-        "where (schemaname, tablename) in (('public', 'worklogs'), ('kyrie', 'worklog_cells')) and cmd = 'SELECT'"
+        "where (schemaname, tablename) in (('public', 'worklogs'), ('kyrie', 'worklog_cells')) "
+        "and cmd = 'SELECT'"
     )
     by_table = {p["tablename"]: (p["roles"], p["qual"]) for p in policies}
     assert set(by_table) == {"worklogs", "worklog_cells"}

@@ -171,9 +171,10 @@ from public.worklogs w
 group by 1, 2, 3, 4, 5, 6, 7;
 
 -- ---------------------------------------------------------------------------
--- kyrie.cfo_figures, from the cells.  Same signature, same result; only the
--- `cells` step changed (and the work_mem it needed for 200,000 rows is gone:
--- the cells of a workspace are bounded by contracts x people x days).
+-- kyrie.cfo_figures, from the cells.  Same signature, same result.  The
+-- (contract, user, day) sums of the one pass are gone: contract_days and
+-- long_days sum the cells directly.  So is the work_mem the pass needed for
+-- 200,000 rows: a workspace's cells are bounded by contracts x people x days.
 
 create or replace function kyrie.cfo_figures(
   p_workspace_id uuid,
@@ -206,38 +207,28 @@ as $$
     where c.workspace_id = p_workspace_id
       and (p_contract_ids is null or c.id = any (p_contract_ids))
   ),
-  -- The period's cells, summed per (contract, user, day): every other figure
-  -- is a sum of these (numeric sums are exact, so summing subtotals gives the
-  -- same value as summing the worklogs).  A few thousand rows of
-  -- kyrie.worklog_cells, under its RLS, instead of every worklog.
-  cells as (
-    select c.contract_id, c.user_id, c.work_date,
-           sum(c.entries) as n,
-           sum(c.hours) as hours,
-           sum(c.hours) filter (where c.billable) as billable,
-           sum(c.hours) filter (where c.invoiced) as invoiced,
-           coalesce(sum(c.entries) filter (where c.blank), 0) as blank_n,
-           sum(c.hours) filter (where c.blank) as blank_h
+  -- The cells up to the period's end of the contracts in scope: only those
+  -- the user can see and asked for count (scope is under RLS, and so are the
+  -- cells).  Every figure below is a sum of these (numeric sums are exact,
+  -- so summing subtotals gives the same value as summing the worklogs): a
+  -- few thousand rows of kyrie.worklog_cells instead of every worklog.
+  scoped_cells as (
+    select c.contract_id, c.user_id, c.work_date, c.billable, c.invoiced, c.blank, c.entries, c.hours,
+           c.work_date >= p.first_day as in_period
     from kyrie.worklog_cells c
+    join scope s on s.id = c.contract_id
     cross join period p
     where c.workspace_id = p_workspace_id
       and c.work_date <= p.last_day
       and (p_contract_ids is null or c.contract_id = any (p_contract_ids))
-    group by c.contract_id, c.user_id, c.work_date
-  ),
-  -- Only contracts the user can see and asked for count (scope is under
-  -- RLS), as when worklog_anomalies joined contracts row by row; contract_id
-  -- is a key of the cells, so joining here drops the same worklogs.
-  scoped_cells as (
-    select c.*, c.work_date >= p.first_day as in_period
-    from cells c
-    join scope s on s.id = c.contract_id
-    cross join period p
   ),
   contract_days as (
     select c.contract_id, c.work_date, bool_or(c.in_period) as in_period,
-           sum(c.n) as n, sum(c.hours) as hours, sum(c.billable) as billable, sum(c.invoiced) as invoiced,
-           sum(c.blank_n) as blank_n, sum(c.blank_h) as blank_h,
+           sum(c.entries) as n, sum(c.hours) as hours,
+           sum(c.hours) filter (where c.billable) as billable,
+           sum(c.hours) filter (where c.invoiced) as invoiced,
+           coalesce(sum(c.entries) filter (where c.blank), 0) as blank_n,
+           sum(c.hours) filter (where c.blank) as blank_h,
            s.start_date, s.end_date, s.budget_hours
     from scoped_cells c
     join scope s on s.id = c.contract_id
