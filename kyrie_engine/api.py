@@ -300,17 +300,18 @@ async def analyze(request: Request) -> Response:
         raise ApiError(400, f"{USER_HEADER} and the body's user_id name different users")
 
     pool = _pool(request)
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            ACCEPT_SQL, ANALYZE_KIND, queue.to_json(body.payload()), body.workspace_id, body.user_id, key
-        )
-        assert row is not None
-        if row["outcome"] != "accepted":
-            raise ApiError(*_REFUSALS[row["outcome"]])
-        if row["created"]:
-            # The shared wake-up of kyrie_engine.queue (one NOTIFY for many
-            # concurrent accepts), called rather than written again.
-            await queue.wake_workers(conn)
+    row = await pool.fetchrow(
+        ACCEPT_SQL, ANALYZE_KIND, queue.to_json(body.payload()), body.workspace_id, body.user_id, key
+    )
+    assert row is not None
+    if row["outcome"] != "accepted":
+        raise ApiError(*_REFUSALS[row["outcome"]])
+    if row["created"]:
+        # The shared wake-up of kyrie_engine.queue (one NOTIFY for many
+        # concurrent accepts), called rather than written again; on the pool,
+        # once the accept's connection is back: most callers only wait for a
+        # send in flight, and need not hold a connection meanwhile.
+        await queue.wake_workers(pool)
     job_id = row["job_id"]
     headers = {"Location": f"/ai/jobs/{job_id}"}
     if not row["created"]:
