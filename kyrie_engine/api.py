@@ -144,9 +144,14 @@ def _repeated_keys(raw: bytes) -> list[str]:
     repeated: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        repeated.extend(key for n, key in enumerate(keys) if key in keys[:n])
-        return dict(items)
+        obj = dict(items)
+        if len(obj) != len(items):  # the common case, no key twice, costs one dict
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    repeated.append(key)
+                seen.add(key)
+        return obj
 
     try:
         json.loads(raw, object_pairs_hook=pairs)
@@ -196,7 +201,8 @@ def _uuid_or_404(text: str) -> uuid.UUID:
 
 
 def _closed_query(request: Request) -> None:
-    if request.url.query:
+    # The raw query string, as request.url.query would give it, without building the URL.
+    if request.scope.get("query_string"):
         raise ApiError(
             400, f"this route takes no query parameters; the user goes in the {USER_HEADER} header"
         )
@@ -493,17 +499,18 @@ class RequestContext:
             if status is None:
                 await internal_error()(scope, receive, send_with_id)
         finally:
-            log.info(
-                "request",
-                extra={
-                    "request_id": rid,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "route": route(),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
+                log.info(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route(),
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
             request_id.reset(token)
 
 
