@@ -141,14 +141,24 @@ class Metrics:
         )
         self.jobs = JobStats()
         self.registry.register(self.jobs)
+        # The labelled children, found once per (route, method, status): `labels()`
+        # validates and locks at every call, a few microseconds a request.  As
+        # many entries as the counter has children.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def add_gauge(self, name: str, help_: str, read: Any) -> None:
         """A value owned elsewhere (listener connected, followers), read at scrape time."""
         self.registry.register(_Callback(name, help_, read))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(route, method, str(status)), self.latency.labels(route)
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def render(self, pool: asyncpg.Pool, within: float) -> bytes:
         await self.jobs.refresh(pool, within)

@@ -104,9 +104,22 @@ def main(mode: str, argv: list[str]) -> int:
 
     logs.configure(settings.log_level, settings.secrets())
     try:
-        return asyncio.run(run(mode, settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(run(mode, settings))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (uvicorn[standard] brings it on
+    Linux and macOS), else asyncio's.  It is what `uvicorn` itself picks, so
+    `kyrie-engine api` runs like the bench's bare app; its transports and
+    asyncpg's I/O on it cost less CPU per request than asyncio's selector loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -> Any:
@@ -115,20 +128,32 @@ def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -
     - a request's headers must arrive within `header_timeout_seconds` of the
       connection opening (or of the previous response): uvicorn has no such
       timeout, and a client trickling a header byte at a time would hold its
-      connection for ever.  The guard below is a subclass of uvicorn's h11
-      protocol that closes the connection when the deadline passes;
+      connection for ever;
     - an idle keep-alive connection is closed after `keep_alive_seconds`;
     - at most `max_connections` connections and tasks at once, then 503;
-    - headers still incomplete past `max_header_bytes` are refused (h11's
-      limit on its buffer: headers that arrive whole are not measured).
+    - headers still incomplete past `max_header_bytes` are refused with a 400
+      (headers that arrive whole in one read are not measured).
+
+    The protocol is uvicorn's httptools one (llhttp, in C: the parser `uvicorn`
+    picks by default, and the one tests/test_api_support.py serves with), with
+    the header deadline and the header limit added by the subclass below.  Its
+    pure-Python h11 parser, which the engine used to subclass for these
+    limits, cost about a fifth of the API's CPU per request (py-spy under
+    `bench --only http`).
     """
     import uvicorn
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     header_timeout = settings.header_timeout_seconds
+    max_header_bytes = settings.max_header_bytes
 
-    class _HeaderDeadline(H11Protocol):
+    class _HeaderLimits(HttpToolsProtocol):
+        # A head is awaited from the connection's opening and after each
+        # request the parser has finished, until llhttp reports the next
+        # head complete; `_head_bytes` counts what arrived meanwhile.
         _deadline: asyncio.TimerHandle | None = None
+        _awaiting_head = True
+        _head_bytes = 0
 
         def _arm(self) -> None:
             self._disarm()
@@ -149,15 +174,33 @@ def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -
             super().connection_made(transport)
             self._arm()
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # the headers are in; the body's pace is the app's business
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if (self._awaiting_head and self._head_bytes > max_header_bytes
+                    and not self.transport.is_closing()):
+                # llhttp keeps no limit of its own on a head's size.
+                self.send_400_response("Request headers too large.")
+
+        def on_headers_complete(self) -> None:
+            self._awaiting_head = False
+            self._disarm()  # the headers are in; the body's pace is the app's business
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._awaiting_head = True  # what follows on the connection is the next head
+            self._head_bytes = 0
+            if self.cycle is not None and self.cycle.response_complete:
+                self._arm()  # answered before its body was in: the next head is awaited from now
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if self.transport is not None and not self.transport.is_closing():
-                self._arm()  # the next request on this connection gets the same deadline
+            # The next request on this connection gets the same deadline, unless
+            # its head is already in (a pipelined request, now being served).
+            if self._awaiting_head and self.transport is not None and not self.transport.is_closing():
+                self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -172,7 +215,7 @@ def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -
         app,
         host=settings.host,
         port=settings.port,
-        http=_HeaderDeadline,
+        http=_HeaderLimits,
         log_config=None,  # our JSON-lines handler on the root logger (kyrie_engine.logs)
         access_log=False,  # the request middleware writes a richer access line
         lifespan="on",
@@ -180,7 +223,6 @@ def _uvicorn_server(app: Any, settings: Settings, on_exit: Callable[[], None]) -
         timeout_graceful_shutdown=round(settings.shutdown_grace_seconds),
         timeout_keep_alive=settings.keep_alive_seconds,
         limit_concurrency=settings.max_connections,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     return _Server(config)
 

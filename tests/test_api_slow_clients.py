@@ -61,3 +61,32 @@ async def test_five_trickling_connections_are_closed_within_the_header_timeout(d
         stop.set()
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+async def test_headers_past_the_limit_are_refused_and_the_connection_closed(db_dsn: str) -> None:
+    """llhttp keeps no limit on a head's size: the server's protocol counts what arrived."""
+    port = free_port()
+    settings = settings_for(db_dsn, max_header_bytes=1024, port=port, host="127.0.0.1")
+    server: Any = _uvicorn_server(build(db_dsn), settings, lambda: None)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        assert server.started
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # Never complete (no blank line): only its size can end it.
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2048)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the server closes
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        # Headers under the limit are served as before.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz", headers={"X-Small": "a" * 200})).status_code == 200
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)

@@ -5,9 +5,13 @@ one round trip that inserts the job, answer 202 with its id.  No secret, no
 membership check, no wake-up: its connections set `kyrie.wake_after_commit`,
 so the jobs table's insert trigger sends no NOTIFY either (a NOTIFY inside
 each commit takes a global lock and serialises the commits: the trap the
-engine's shared after-commit wake-up avoids, not a cost of the ceiling).  Served by uvicorn with the settings
-`kyrie-engine api` uses (access log off, same pool size), so the ratio of the
-two measures our code, not the server.
+engine's shared after-commit wake-up avoids, not a cost of the ceiling).
+
+Served by uvicorn as `kyrie-engine api` is: httptools on uvloop (uvicorn's own
+choice here, and kyrie_engine.service's), access log off, the same pool size;
+so the ratio of the two measures our code, not the server.  (Until
+2026-12-02 the API ran uvicorn's h11 protocol on asyncio's loop, and the
+ratio counted that too.)
 
 Run as `python -m kyrie_engine.bench.bare_http` with DATABASE_URL,
 KYRIE_HOST, KYRIE_PORT and KYRIE_POOL_SIZE in the environment.
