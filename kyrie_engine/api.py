@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kyrie_engine import console, queue
-from kyrie_engine.db import create_pool
+from kyrie_engine.db import create_pool, session_unchanged
 from kyrie_engine.events import Follower, JobEvents
 from kyrie_engine.http_errors import DATABASE_UNAVAILABLE, ApiError, exception_handlers, internal_error
 from kyrie_engine.logs import describe_exception, request_id
@@ -514,21 +514,6 @@ class RequestContext:
             request_id.reset(token)
 
 
-async def _session_unchanged(conn: asyncpg.Connection) -> None:
-    """The API's statements leave no session state behind, so its own pool skips
-    asyncpg's reset query (`RESET ALL`, `UNLISTEN *`, `CLOSE ALL`, advisory
-    unlock): one round trip per request, a fifth of an accept's.
-
-    What a route does on a pooled connection is statements and transactions:
-    a user's role and claims are `SET LOCAL` (kyrie_engine.db.acting_as), the
-    enqueue's `kyrie.wake_after_commit` is transaction-local, LISTEN happens on
-    the notifier's own connection, and nothing takes a session advisory lock.
-    A transaction left open (a request cancelled mid-way) is still rolled back
-    by asyncpg before this is called.  A pool given by the host is reset as
-    the host configured it.
-    """
-
-
 def build_app(settings: Settings, *, pool: asyncpg.Pool | None = None, worker: Any = None) -> Starlette:
     """The app; its lifespan opens the pool (unless given) and the shared LISTEN connection.
 
@@ -559,7 +544,7 @@ def build_app(settings: Settings, *, pool: asyncpg.Pool | None = None, worker: A
             runtime.pool = await create_pool(
                 settings.database_url, min_size=0, max_size=settings.pool_size,
                 timeout=settings.db_timeout_seconds, command_timeout=settings.db_timeout_seconds * 6,
-                reset=_session_unchanged,
+                reset=session_unchanged,  # its routes leave no session state (db.py)
             )
         runtime.events.start()
         try:

@@ -46,7 +46,7 @@ import asyncpg
 from kyrie_engine import notifier as notifications
 from kyrie_engine import queue, retention, schedules
 from kyrie_engine.context import JobContext
-from kyrie_engine.db import BoundedPool, connect_kwargs, driver_dsn
+from kyrie_engine.db import BoundedPool, connect_kwargs, driver_dsn, session_unchanged
 from kyrie_engine.notifier import JobChanged, NewJobs
 from kyrie_engine.outages import COMMAND_TIMEOUT, TRANSIENT_ERRORS, Backoff, Outage
 from kyrie_engine.queue import ClaimedJob
@@ -268,7 +268,7 @@ class Worker:
         own_timeout = max(1.0, min(self.command_timeout, self.lease_seconds / 3))
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
-                driver_dsn(self.dsn), min_size=0, max_size=2 + FLUSH_WRITERS, reset=_session_unchanged,
+                driver_dsn(self.dsn), min_size=0, max_size=2 + FLUSH_WRITERS, reset=session_unchanged,
                 command_timeout=own_timeout,
                 server_settings={"application_name": f"kyrie-worker:{self.worker_id}"}, **kwargs,
             )
@@ -522,9 +522,3 @@ class Worker:
         self.slots.let_go(ended.job_id, ended.attempt)
         if self._draining and self.slots.idle:
             self._wake()  # run_until_drained returns once nothing is held
-
-
-async def _session_unchanged(conn: asyncpg.Connection) -> None:
-    """The worker's own statements leave no session state (no SET, no LISTEN,
-    transactions closed), so its pool skips asyncpg's RESET ALL round trip."""
-
