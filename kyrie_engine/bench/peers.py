@@ -13,8 +13,8 @@ fresh database of its own per round (PgQueuer's gets its own schema only):
 
 How each system is set up, so the comparison is fair (also printed):
 
-- kyrie-engine: `Worker(concurrency=500, pool_size=2)` as the queue section
-  runs it; enqueue with `queue.enqueue` (wake-up after the commit, shared).
+- kyrie-engine: `Worker(concurrency=500, claim_batch=250, pool_size=2)` as
+  the queue section runs it; enqueue with `queue.enqueue` (wake-up after the commit, shared).
 - PgQueuer: installed with `Queries.install()` at its default durability
   (`durable`: logged tables, as kyrie's jobs are) and its recommended
   autovacuum settings (`optimize_autovacuum()`, what `pgq autovac` applies);
@@ -297,7 +297,8 @@ MEASURES = {"kyrie-engine": measure_kyrie, "PgQueuer": measure_pgqueuer, "bare":
 
 def configurations() -> dict[str, str]:
     return {
-        "kyrie-engine": f"Worker(concurrency={kq.WORKER_CONCURRENCY}, pool_size=2); queue.enqueue "
+        "kyrie-engine": f"Worker(concurrency={kq.WORKER_CONCURRENCY}, claim_batch={kq.WORKER_CLAIM_BATCH}, "
+                        "pool_size=2); queue.enqueue "
                         "(wake-up after commit, shared)",
         "PgQueuer": f"{pgqueuer_version()}, durable, autovacuum tuned (pgq autovac), asyncpg, one "
                     f"connection per QueueManager; drain best of (managers x batch) "

@@ -84,7 +84,13 @@ class Worker:
     Concurrency is `concurrency` handlers at once in this process, at most
     `kind_concurrency[kind]` of a kind; `kyrie.job_kind_limits` caps a kind
     across all workers.  A claim takes at most `claim_batch` jobs (default:
-    `concurrency`).  A handler taking longer than `timeouts[kind]` (else
+    `concurrency`).  One claim is in flight at a time, so for jobs much
+    shorter than a claim (hundreds of slots, millisecond handlers) half of
+    `concurrency` is faster: a claim of every slot leaves the database idle
+    while that batch's handlers run, and the handlers idle while the next
+    claim runs; with halves, one half runs while the next is claimed
+    (measured, 500 slots, no-op jobs: 12,100 against 7,700 jobs/s, medians
+    of 3).  A handler taking longer than `timeouts[kind]` (else
     `default_timeout`) is cancelled and its attempt fails.  A handler raising
     RetryLater is rescheduled without using an attempt, at most
     `max_deferrals` times; then its job fails with the last reason.
