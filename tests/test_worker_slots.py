@@ -118,3 +118,22 @@ async def test_a_side_loop_may_return_only_while_the_worker_stops() -> None:
     await asyncio.sleep(0.05)
     await loops.stop()
     assert died == []
+
+
+def test_a_second_claim_counts_what_the_first_may_bring_back_as_taken() -> None:
+    """Two claims may be in flight with a backlog: neither may ask for slots or
+    kind room the other could still fill (no database: nothing connects here)."""
+    from kyrie_engine.worker import Worker
+
+    async def handler(job: object) -> None:
+        return None
+
+    worker = Worker("postgresql://nobody@127.0.0.1:1/none", {"a": handler, "b": handler}, concurrency=10,
+                    kind_concurrency={"a": 4})
+    worker.slots.start(A, 1, "b")
+    assert worker._room_left(1) == ({"a": 4, "b": 9}, 9)
+    worker._in_flight[0] = (6, {"a": 4, "b": 9})  # lane 0 asked for 6, of which up to 4 of kind a
+    assert worker._room_left(1) == ({"b": 3}, 3)
+    assert worker._room_left(0) == ({"a": 4, "b": 9}, 9)  # a lane's own asking is not subtracted
+    worker._in_flight[1] = (3, {"b": 3})
+    assert worker._room_left(2) == ({}, 0)
