@@ -61,13 +61,13 @@ from kyrie_engine.worker.slots import Slots
 log = logging.getLogger("kyrie_engine.worker")
 
 FLUSH_WRITERS = 3  # outcome batches written at once (each on its own connection)
+FLUSH_BATCH = 250  # outcomes per statement
 # Claims in flight at once while there is a backlog (otherwise one): the
 # claim is a worker's one serial statement, and with a backlog of short jobs
-# the database sat partly idle while it ran (measured: a third of the CPU).
-# A second claim takes what the first leaves: SKIP LOCKED keeps them apart,
-# and each counts the other's asking as taken (`_room_left`).
+# the database sat partly idle while it ran (measured: a quarter to a half
+# of the CPU idle).  A second claim takes what the first leaves: SKIP LOCKED
+# keeps them apart, and each counts the other's asking as taken (`_room_left`).
 CLAIM_LANES = 2
-FLUSH_BATCH = 250  # outcomes per statement
 # After the grace period: how long stopping may still take, in all (handlers
 # cancelled, hand-backs written, pools closed), whatever the database does.
 STOP_BUDGET_SECONDS = 3.0
