@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from test_api_support import build, free_port, settings_for
 
 from kyrie_engine.service import _uvicorn_server
+
+
+@contextlib.asynccontextmanager
+async def _serving(db_dsn: str, **settings: Any) -> AsyncIterator[int]:
+    """The service's own uvicorn server on a free port, started and then stopped."""
+    port = free_port()
+    config = settings_for(db_dsn, port=port, host="127.0.0.1", **settings)
+    server: Any = _uvicorn_server(build(db_dsn), config, lambda: None)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        assert server.started
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
 
 
 async def _trickle(port: int, stop: asyncio.Event) -> float | None:
@@ -36,20 +57,14 @@ async def _trickle(port: int, stop: asyncio.Event) -> float | None:
 
 
 async def test_five_trickling_connections_are_closed_within_the_header_timeout(db_dsn: str) -> None:
-    port = free_port()
-    settings = settings_for(db_dsn, header_timeout_seconds=1.5, port=port, host="127.0.0.1")
-    server: Any = _uvicorn_server(build(db_dsn), settings, lambda: None)
-    task = asyncio.create_task(server.serve())
     stop = asyncio.Event()
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            await asyncio.sleep(0.05)
-        assert server.started
-        closed = await asyncio.wait_for(
-            asyncio.gather(*[_trickle(port, stop) for _ in range(5)]), timeout=30
-        )
+    async with _serving(db_dsn, header_timeout_seconds=1.5) as port:
+        try:
+            closed = await asyncio.wait_for(
+                asyncio.gather(*[_trickle(port, stop) for _ in range(5)]), timeout=30
+            )
+        finally:
+            stop.set()
         assert all(c is not None and c < 1.5 + 1.0 for c in closed), closed
         # A client that sends its request at once is served as before, and kept alive.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -57,24 +72,11 @@ async def test_five_trickling_connections_are_closed_within_the_header_timeout(d
                 assert (await client.get("/healthz")).status_code == 200
             await asyncio.sleep(1.0)  # idle under the deadline: the next request is on time
             assert (await client.get("/healthz")).status_code == 200
-    finally:
-        stop.set()
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
 
 
 async def test_headers_past_the_limit_are_refused_and_the_connection_closed(db_dsn: str) -> None:
     """llhttp keeps no limit on a head's size: the server's protocol counts what arrived."""
-    port = free_port()
-    settings = settings_for(db_dsn, max_header_bytes=1024, port=port, host="127.0.0.1")
-    server: Any = _uvicorn_server(build(db_dsn), settings, lambda: None)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            await asyncio.sleep(0.05)
-        assert server.started
+    async with _serving(db_dsn, max_header_bytes=1024) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             # Never complete (no blank line): only its size can end it.
@@ -87,6 +89,3 @@ async def test_headers_past_the_limit_are_refused_and_the_connection_closed(db_d
         # Headers under the limit are served as before.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             assert (await client.get("/healthz", headers={"X-Small": "a" * 200})).status_code == 200
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)

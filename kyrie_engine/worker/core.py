@@ -502,7 +502,7 @@ class Worker:
             try:
                 room, free = self._room_left(lane)
                 wanted = min(self.claim_batch, free, sum(room.values()))
-                if (self._backlog or lane > 0) and wanted < enough and self.slots.running:
+                if self._backlog and wanted < enough and self.slots.running:
                     await self._sleep(kick, self.poll_seconds)  # until a finished attempt kicks
                     continue
                 # Judged before the claim: an outcome written while the claim
