@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,21 @@ def test_a_second_claim_counts_what_the_first_may_bring_back_as_taken() -> None:
     assert worker._room_left(0) == ({"a": 4, "b": 9}, 9)  # a lane's own asking is not subtracted
     worker._in_flight[1] = (3, {"b": 3})
     assert worker._room_left(2) == ({}, 0)
+
+
+def test_small_workers_claim_in_one_lane() -> None:
+    """Two concurrent one-job claims see the same turns and take the same
+    workspace's jobs; only workers whose claims can be large get a second lane."""
+    from kyrie_engine.worker import Worker
+    from kyrie_engine.worker.core import CLAIM_LANES, LANE_MIN_BATCH
+
+    async def handler(job: object) -> None:
+        return None
+
+    def lanes(**options: Any) -> int:
+        return Worker("postgresql://nobody@127.0.0.1:1/none", {"a": handler}, **options)._lane_count()
+
+    assert lanes(concurrency=2) == 1
+    assert lanes(concurrency=500, claim_batch=LANE_MIN_BATCH - 1) == 1
+    assert lanes(concurrency=100, kind_concurrency={"a": 4}) == 1  # the kind's limit bounds every claim
+    assert lanes(concurrency=500, claim_batch=250) == CLAIM_LANES

@@ -9,7 +9,8 @@
   jobs with `kyrie.claim_jobs` (per-kind room included) and starts one
   executor task per job; then waits for a wake-up (a notification, a freed
   slot) or the poll interval, whichever comes first.  One claim is in
-  flight at a time, two while there is a backlog (`CLAIM_LANES`).
+  flight at a time, two while there is a backlog and a claim may take
+  `LANE_MIN_BATCH` jobs or more (`CLAIM_LANES`).
 - executor (`executor.py`): runs one attempt, returns an `Outcome`.
 - completer (`completer.py`): writes outcomes in batches.
 - lease keeper (`leases.py`): heartbeats, cancel confirmation, reclaim.
@@ -68,6 +69,13 @@ FLUSH_BATCH = 250  # outcomes per statement
 # of the CPU idle).  A second claim takes what the first leaves: SKIP LOCKED
 # keeps them apart, and each counts the other's asking as taken (`_room_left`).
 CLAIM_LANES = 2
+# ... but only for workers whose claims can be this large.  Two concurrent
+# claims of one or two jobs each see the same turns and take the same
+# workspace's next jobs (seen: a lead of 3 between two alternating backlogs
+# at concurrency 2); a batch claim spreads itself over the workspaces, so two
+# of them stay as fair as one.  And a claim of a few jobs is not what keeps
+# such a worker's slots empty.
+LANE_MIN_BATCH = 16
 # After the grace period: how long stopping may still take, in all (handlers
 # cancelled, hand-backs written, pools closed), whatever the database does.
 STOP_BUDGET_SECONDS = 3.0
@@ -461,7 +469,7 @@ class Worker:
         self._in_flight.clear()
         self._backlog = False
         lanes = [asyncio.create_task(self._claim_lane(i, drain), name=f"kyrie claim {i}")
-                 for i in range(CLAIM_LANES)]
+                 for i in range(self._lane_count())]
         try:
             # The first lane decides when a drain is over; the others end only
             # when stopping.  A lane's error is the loop's.
@@ -472,6 +480,13 @@ class Worker:
             for lane in lanes:
                 lane.cancel()
             await asyncio.wait(lanes, timeout=0.2)
+
+    def _lane_count(self) -> int:
+        return CLAIM_LANES if self._most_per_claim() >= LANE_MIN_BATCH else 1
+
+    def _most_per_claim(self) -> int:
+        return min(self.claim_batch, self.concurrency,
+                   sum(self.slots.kind_limits.get(k, self.concurrency) for k in self.handlers))
 
     def _room_left(self, lane: int) -> tuple[dict[str, int], int]:
         """Room per kind and free slots, less what the other lanes' claims in
@@ -491,9 +506,7 @@ class Worker:
         # worker claim one or two jobs a statement.  Without one, a new job
         # is claimed as soon as it is heard of (by the first lane; the others
         # only help with a backlog).
-        most = min(self.claim_batch, self.concurrency,
-                   sum(self.slots.kind_limits.get(k, self.concurrency) for k in self.handlers))
-        enough = max(1, most // 4)
+        enough = max(1, self._most_per_claim() // 4)
         while not self._stopping:
             kick.clear()
             if lane > 0 and not self._backlog:
