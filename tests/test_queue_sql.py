@@ -406,6 +406,42 @@ async def test_a_statement_announces_its_changes_together(db_dsn: str, db: async
     assert max(len(p) for p in received) < 8000
 
 
+async def test_every_batch_function_announces_its_rows_by_status(db_dsn: str, db: asyncpg.Connection) -> None:
+    """The batch functions announce what they changed (one message per status),
+    reclaimed and handed-back jobs included; an UPDATE outside them, as an
+    operator's in psql, is announced row by row; a heartbeat by nobody."""
+    enqueued = await queue.enqueue_many(db, "test.kind", [{}] * 6)
+    jobs = sorted(j.id for j in await claim(db, {"test.kind": 6}, limit=6))
+    listener, received = await _listen(db_dsn, "kyrie_job_events")
+    try:
+        await queue.fail_jobs(db, OWNER, [queue.FailedAttempt(jobs[0], 1, "e", None, True),
+                                          queue.FailedAttempt(jobs[1], 1, "e", None, True),
+                                          queue.FailedAttempt(jobs[2], 1, "e", None, False)])
+        await queue.release_jobs(db, OWNER, {jobs[3]: 1})
+        await queue.heartbeat_jobs(db, OWNER, {jobs[4]: 1, jobs[5]: 1}, 30)
+        await db.execute("update jobs set lease_expires_at = now() - interval '1 s' where id = any($1)",
+                         jobs[4:])
+        await queue.reclaim_expired_leases(db)
+        # Neither status nor progress: no event.
+        await db.execute("update jobs set priority = 3 where id = any($1)", jobs)
+        await db.execute("update jobs set status = 'cancelled', finished_at = now() where id = any($1)",
+                         jobs[4:])
+        await wait_until(lambda: len(received) >= 6, 10, what="six events")
+        await asyncio.sleep(0.2)
+    finally:
+        await listener.close()
+    events = [json.loads(p) for p in received]
+    assert events[:4] == [
+        {"ids": [str(jobs[0]), str(jobs[1])], "status": "pending"},
+        {"id": str(jobs[2]), "status": "failed"},
+        {"id": str(jobs[3]), "status": "pending"},
+        {"ids": [str(jobs[4]), str(jobs[5])], "status": "pending"},
+    ]
+    assert sorted(events[4:], key=lambda e: e["id"]) == [
+        {"id": str(jobs[4]), "status": "cancelled"}, {"id": str(jobs[5]), "status": "cancelled"}]
+    assert len(enqueued) == 6
+
+
 # ---------------------------------------------------------------------------
 # who reads jobs, and Realtime
 

@@ -16,7 +16,8 @@ On one fresh database:
   queue starts from: connections that each repeat one statement, "complete
   the first pending job" (UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP
   LOCKED LIMIT 1)), one job per transaction, LISTENing for wake-ups when idle.
-  No leases, no attempts, no handler: only what the database must do.
+  No leases, no attempts, no handler, no job events: only what the database
+  must do.
 
 The worker and the ceiling loop each run in a process of their own
 (`python -m kyrie_engine.bench.queue <role> <dsn>`), so the producer does not
@@ -124,6 +125,11 @@ async def _bare_loop(dsn: str, kind: str, connections: int, batch: int, drain: b
 
     await listener.add_listener("kyrie_jobs", wake_all)
     conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+    for conn in conns:
+        # What the worker's claim and complete functions set: no row-by-row
+        # kyrie_job_events for these updates (migration 20261202000101).  The
+        # bare loop then sends none at all, which keeps it a ceiling.
+        await conn.execute("set kyrie.announced = 'on'")
     done = 0
 
     async def loop(conn: asyncpg.Connection, wake: asyncio.Event) -> None:
