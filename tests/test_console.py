@@ -326,6 +326,37 @@ async def test_a_job_page_tells_the_whole_story(site: Site) -> None:
     assert_error_contract(await site.client.get("/console/jobs/not-a-uuid"), 404)
 
 
+async def test_job_lists_page_newest_first_without_gaps_or_repeats(db: asyncpg.Connection) -> None:
+    """Waiting jobs by when they were enqueued, finished ones by when they
+    finished; 120 of each, in pages of 50, with ties (a batch finishes at one
+    `now()`), every job exactly once."""
+    await queue.enqueue_many(db, "page.kind", [{"i": i} for i in range(240)])
+    await db.execute("update jobs set created_at = now() - (payload->>'i')::int * interval '1 s'")
+    finished = [r["id"] for r in await db.fetch(
+        "update jobs set status = 'completed',"
+        " finished_at = now() - ((payload->>'i')::int / 4) * interval '1 s'"
+        " where (payload->>'i')::int % 2 = 1 returning id")]
+
+    async def pages(status: str) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = []
+        before = None
+        while True:
+            page = await queries.jobs_page(db, status, "page.kind", before)
+            rows += page
+            if len(page) < 50:
+                return rows
+            before = (page[-1][queries.page_time(status)], page[-1]["id"])
+
+    done = await pages("completed")
+    assert sorted(r["id"] for r in done) == sorted(finished)
+    assert [(r["finished_at"], r["id"]) for r in done] == sorted(
+        ((r["finished_at"], r["id"]) for r in done), reverse=True)
+    waiting = await pages("pending")
+    assert len(waiting) == 120 and not {r["id"] for r in waiting} & set(finished)
+    assert [(r["created_at"], r["id"]) for r in waiting] == sorted(
+        ((r["created_at"], r["id"]) for r in waiting), reverse=True)
+
+
 async def test_a_cfo_job_page_shows_its_usage_result_and_proposed_actions(
     db: asyncpg.Connection, db_dsn: str
 ) -> None:

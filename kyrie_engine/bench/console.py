@@ -116,14 +116,14 @@ async def run(dsn: str, quick: bool) -> dict[str, Any]:
                 failed = await conn.fetchval(
                     "select id from jobs where status = 'failed' order by finished_at desc limit 1")
                 old = await conn.fetchrow(
-                    "select created_at, id from jobs where status = 'completed' order by created_at limit 1 "
-                    "offset 5000")
+                    "select finished_at, id from jobs where status = 'completed' order by finished_at"
+                    " limit 1 offset 5000")
             pages = {
                 "overview_hour": "/console",
                 "overview_day": "/console?range=day",
                 "jobs_failed": "/console/jobs?status=failed",
                 "jobs_completed_deep": "/console/jobs?status=completed&before_at="
-                + old["created_at"].isoformat().replace("+", "%2B") + f"&before_id={old['id']}",
+                + old["finished_at"].isoformat().replace("+", "%2B") + f"&before_id={old['id']}",
                 "jobs_pending_kind": "/console/jobs?status=pending&kind=cfo.analyze",
                 "job": f"/console/jobs/{failed}",
             }

@@ -36,16 +36,26 @@ ACTIONS_SQL = """
 select id, type, status, title, reason, payload, created_at, decided_at
 from public.ai_actions where job_id = $1 order by created_at, id
 """
-# A page of jobs of one status (jobs_status_created_idx), newest first,
-# optionally of one kind: keyset on (created_at, id) so page 100 costs what
-# page 1 does.
-JOBS_SQL = """
+# A page of jobs of one status, newest first, optionally of one kind: keyset
+# on (time, id) so page 100 costs what page 1 does.  Waiting and running jobs
+# by when they were enqueued (jobs_pending_created_idx; the running set is
+# small); finished ones by when they finished (jobs_finished_idx).  Migration
+# 20261202000102 says why there is no index on status for this.
+OPEN_JOBS_SQL = """
 select id, kind, status, workspace_id, attempts, max_attempts, error, created_at, finished_at
 from public.jobs
 where status = $1 and ($2::text is null or kind = $2)
   and ($3::timestamptz is null or (created_at, id) < ($3, $4::uuid))
 order by created_at desc, id desc limit $5
 """
+FINISHED_JOBS_SQL = """
+select id, kind, status, workspace_id, attempts, max_attempts, error, created_at, finished_at
+from public.jobs
+where status = $1 and finished_at is not null and ($2::text is null or kind = $2)
+  and ($3::timestamptz is null or (finished_at, id) < ($3, $4::uuid))
+order by finished_at desc, id desc limit $5
+"""
+FINISHED = frozenset({"completed", "failed", "cancelled"})
 # kyrie.schedule_status (migration 20261201000501): a handful of rows, by name.
 SCHEDULES_SQL = "select * from kyrie.schedule_status"
 # kyrie.model_budget_status (migration 20261201000602): one row per model.
@@ -131,8 +141,15 @@ async def jobs_page(
     conn: asyncpg.Connection, status: str, kind: str | None,
     before: tuple[dt.datetime, uuid.UUID] | None, limit: int = 50,
 ) -> list[asyncpg.Record]:
+    """`before` is the last row's (page_time, id): see `page_time`."""
     at, last = before if before is not None else (None, None)
-    return list(await conn.fetch(JOBS_SQL, status, kind, at, last, limit))
+    sql = FINISHED_JOBS_SQL if status in FINISHED else OPEN_JOBS_SQL
+    return list(await conn.fetch(sql, status, kind, at, last, limit))
+
+
+def page_time(status: str) -> str:
+    """The column a page of `status` jobs is ordered by."""
+    return "finished_at" if status in FINISHED else "created_at"
 
 
 async def schedules(conn: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -362,9 +362,9 @@ async def jobs(request: Request) -> Response:
     if len(rows) == 50:
         tail = rows[-1]
         more = (f"?status={status}" + (f"&kind={quote(kind)}" if kind else "")
-                + f"&before_at={quote(tail['created_at'].isoformat())}&before_id={tail['id']}")
+                + f"&before_at={quote(tail[queries.page_time(status)].isoformat())}&before_id={tail['id']}")
     return render(request, "jobs.html", rows=rows, current=status, kind=kind, statuses=STATUSES, more=more,
-                  page="jobs")
+                  page="jobs", time_column=queries.page_time(status))
 
 
 async def schedules(request: Request) -> Response:
