@@ -104,13 +104,13 @@ def main(mode: str, argv: list[str]) -> int:
 
     logs.configure(settings.log_level, settings.secrets())
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             return runner.run(run(mode, settings))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (uvicorn[standard] brings it on
     Linux and macOS), else asyncio's.  It is what `uvicorn` itself picks, so
     `kyrie-engine api` runs like the bench's bare app; its transports and

@@ -11,7 +11,9 @@ fresh database of its own per round (PgQueuer's gets its own schema only):
 - enqueue: 50 connections enqueue single jobs as fast as they can, each
   through the system's own enqueue call, with one listener connected.
 
-How each system is set up, so the comparison is fair (also printed):
+How each system is set up, so the comparison is fair (also printed).  Every
+child process runs on uvloop when it is installed, as `kyrie-engine worker`
+and PgQueuer's own CLI (`pgq run`) do.
 
 - kyrie-engine: `Worker(concurrency=500, claim_batch=250, pool_size=2)` as
   the queue section runs it; enqueue with `queue.enqueue` (wake-up after the commit, shared).
@@ -132,9 +134,9 @@ def _child_main(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=10)
     args = parser.parse_args(argv)
     if args.role == "pgq-drain":
-        result: Any = asyncio.run(_pgq_drain(args.dsn, args.managers, args.batch))
+        result: Any = kq.run_child(_pgq_drain(args.dsn, args.managers, args.batch))
     else:
-        result = asyncio.run(_pgq_serve(args.dsn, args.batch))
+        result = kq.run_child(_pgq_serve(args.dsn, args.batch))
     print(json.dumps(result), flush=True)
 
 
@@ -307,6 +309,8 @@ def configurations() -> dict[str, str]:
         "bare": "UPDATE ... FOR UPDATE SKIP LOCKED claim + complete by id, best of (connections x "
                 f"batch) {', '.join(f'{k}x{b}' for k, b in kq.CEILING_SHAPES)}; pickup 4 connections; "
                 "plain INSERT (NOTIFY in commit)",
+        "event loop": "each system's process on "
+                      + ("uvloop" if kq.event_loop_factory() is not None else "asyncio (uvloop is not installed)"),
     }
 
 

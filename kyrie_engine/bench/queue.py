@@ -21,7 +21,8 @@ On one fresh database:
 
 The worker and the ceiling loop each run in a process of their own
 (`python -m kyrie_engine.bench.queue <role> <dsn>`), so the producer does not
-share their event loop.
+share their event loop; that loop is uvloop when it is installed, as for
+`kyrie-engine worker` (`run_child`).
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import asyncpg
 
 from kyrie_engine import queue
+from kyrie_engine.service import event_loop_factory
 from kyrie_engine.worker import JobContext, Worker
+
+T = TypeVar("T")
 
 WORKER_CONCURRENCY = 500
 # Half the slots per claim: for millisecond jobs the handlers of one half run
@@ -168,6 +173,14 @@ async def _bare_serve(dsn: str, connections: int) -> None:
         await _bare_loop(dsn, "bench.latency", connections, 1, False)
 
 
+def run_child(main: Coroutine[Any, Any, T]) -> T:
+    """A bench child's event loop is the one `kyrie-engine worker` runs on
+    (uvloop when installed), which is also what PgQueuer's own CLI picks: each
+    system measured as its command runs it."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)
+
+
 def _child_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["worker-drain", "worker-serve", "bare-drain", "bare-serve"])
@@ -176,14 +189,14 @@ def _child_main(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     if args.role == "worker-drain":
-        print(json.dumps(asyncio.run(_worker_drain(args.dsn))), flush=True)
+        print(json.dumps(run_child(_worker_drain(args.dsn))), flush=True)
     elif args.role == "worker-serve":
-        asyncio.run(_worker_serve(args.dsn))
+        run_child(_worker_serve(args.dsn))
     elif args.role == "bare-drain":
-        result = asyncio.run(_bare_loop(args.dsn, "bench.noop", args.connections, args.batch, True))
+        result = run_child(_bare_loop(args.dsn, "bench.noop", args.connections, args.batch, True))
         print(json.dumps(result), flush=True)
     else:
-        asyncio.run(_bare_serve(args.dsn, args.connections))
+        run_child(_bare_serve(args.dsn, args.connections))
 
 
 def _spawn(role: str, dsn: str, *args: str) -> subprocess.Popen[str]:

@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from kyrie_engine import queue, retention
+from kyrie_engine.bench.queue import run_child
 
 KIND = "soak.noop"
 # KYRIE_BENCH_SOAK_JOBS: a longer soak, to see past autovacuum's first visit.
@@ -190,7 +191,7 @@ def main(argv: list[str]) -> int:
     role, dsn, n, keep_seconds = argv
     if role != "worker":
         raise SystemExit(f"unknown role {role!r}")
-    result = asyncio.run(_worker(dsn, int(n), float(keep_seconds)))
+    result = run_child(_worker(dsn, int(n), float(keep_seconds)))
     print(json.dumps(result), flush=True)
     return 0
 
