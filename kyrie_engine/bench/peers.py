@@ -309,8 +309,8 @@ def configurations() -> dict[str, str]:
         "bare": "UPDATE ... FOR UPDATE SKIP LOCKED claim + complete by id, best of (connections x "
                 f"batch) {', '.join(f'{k}x{b}' for k, b in kq.CEILING_SHAPES)}; pickup 4 connections; "
                 "plain INSERT (NOTIFY in commit)",
-        "event loop": "each system's process on "
-                      + ("uvloop" if kq.event_loop_factory() is not None else "asyncio (uvloop is not installed)"),
+        "event loop": "each system's process on " + (
+            "uvloop" if kq.event_loop_factory() is not None else "asyncio (uvloop is not installed)"),
     }
 
 
