@@ -129,12 +129,12 @@ async def _bare_loop(dsn: str, kind: str, connections: int, batch: int, drain: b
             wake.set()
 
     await listener.add_listener("kyrie_jobs", wake_all)
-    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
-    for conn in conns:
-        # What the worker's claim and complete functions set: no row-by-row
-        # kyrie_job_events for these updates (migration 20261202000101).  The
-        # bare loop then sends none at all, which keeps it a ceiling.
-        await conn.execute("set kyrie.announced = 'on'")
+    # `kyrie.announced`, what the worker's claim and complete functions set:
+    # no row-by-row kyrie_job_events for these updates (migration
+    # 20261202000101).  The bare loop then sends none at all, which keeps it
+    # a ceiling.
+    conns = [await asyncpg.connect(dsn, server_settings={"kyrie.announced": "on"})
+             for _ in range(connections)]
     done = 0
 
     async def loop(conn: asyncpg.Connection, wake: asyncio.Event) -> None:
