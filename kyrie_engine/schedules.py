@@ -8,9 +8,12 @@ Worker runs `run()` beside its claim loop, without a leader, and each slot
 becomes one job whatever the number of workers.
 
 Due means: the latest slot at or before now, after the schedule's last slot
-enqueued (or its creation).  After a downtime that is the latest missed
-slot, alone: a report due every hour that missed five does not run five
-times in a row when the workers come back.  The job's `run_at` is the slot.
+enqueued and after it was created or last switched on (`enabled_at`).
+After a downtime that is the latest missed slot, alone: a report due every
+hour that missed five does not run five times in a row when the workers
+come back.  A paused schedule switched on again skips the slots it was off
+for: a pause is a decision, a downtime is not.  The job's `run_at` is the
+slot.
 
 cronsim rather than croniter: no dependencies of its own, five-field
 expressions with the usual extensions (L, W, #), and local times that
@@ -82,6 +85,12 @@ class Schedule:
     last_slot: dt.datetime | None
     next_run_at: dt.datetime | None
     created_at: dt.datetime
+    enabled_at: dt.datetime
+
+    @property
+    def due_after(self) -> dt.datetime:
+        """Slots at or before this are not due (kyrie.enqueue_schedule_slot's rule)."""
+        return max(self.last_slot, self.enabled_at) if self.last_slot else self.enabled_at
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Schedule:
@@ -138,7 +147,7 @@ def next_slot(cron: str, timezone: str, now: dt.datetime) -> dt.datetime:
 
 _SELECT = """
 select id, name, cron, timezone, kind, payload::text as payload, workspace_id, user_id, priority,
-       enabled, last_slot, next_run_at, created_at
+       enabled, last_slot, next_run_at, created_at, enabled_at
 from kyrie.schedules
 """
 
@@ -187,7 +196,7 @@ async def add(
         "insert into kyrie.schedules (name, cron, timezone, kind, payload, workspace_id, user_id, priority,"
         " enabled) values ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9)" + conflict
         + " returning id, name, cron, timezone, kind, payload::text as payload, workspace_id, user_id,"
-        " priority, enabled, last_slot, next_run_at, created_at",
+        " priority, enabled, last_slot, next_run_at, created_at, enabled_at",
         name, cron, timezone, kind, payload_json, workspace_id, user_id, priority, enabled,
     )
     assert row is not None
@@ -235,8 +244,7 @@ async def tick(executor: Executor, skipped: _Skipped | None = None) -> Pass:
     for schedule in await list_schedules(executor, enabled_only=True):
         try:
             check_cron(schedule.cron)
-            slot = due_slot(schedule.cron, schedule.timezone, now,
-                            schedule.last_slot or schedule.created_at)
+            slot = due_slot(schedule.cron, schedule.timezone, now, schedule.due_after)
             following = next_slot(schedule.cron, schedule.timezone, now)
         except (ScheduleError, CronSimError, zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
             (skipped or _Skipped()).report(schedule, str(exc))

@@ -106,14 +106,19 @@ async def test_a_disabled_schedule_enqueues_nothing_and_an_unhandled_kind_still_
             "select count(*) from public.jobs where kind = 'reports.elsewhere'"), within=10)
         await settle()
         assert await slots_of(db, "test.off") == []
-        # The schedule switched on from psql is picked up at the next pass.
+        # Switched on from psql at 00:05:30: the slot of 00:05, missed while it
+        # was off, is skipped (passes at 00:05:30 find nothing due), and the
+        # schedule starts with 00:06.
         await db.execute("update kyrie.schedules set enabled = true where name = 'off'")
+        await settle()
+        assert await slots_of(db, "test.off") == []
         await set_clock(db, T0 + dt.timedelta(minutes=6))
         await wait_until(lambda: db.fetchval("select count(*) from public.jobs where kind = 'test.off'"),
                          within=10)
     assert await slots_of(db, "reports.elsewhere") == [dt.datetime(2030, 1, 1, 0, m, tzinfo=dt.UTC)
                                                        for m in (4, 6)]
-    # Only the slot at 00:06, after it was enabled, not one per minute it was off.
+    # Only the slot at 00:06, after it was switched on: neither one per minute it
+    # was off nor the latest of them.
     assert await slots_of(db, "test.off") == [dt.datetime(2030, 1, 1, 0, 6, tzinfo=dt.UTC)]
     pending = await db.fetchval("select count(*) from public.jobs where status <> 'pending'")
     assert pending == 0  # slots in the (moved) future: nothing ran early
@@ -127,7 +132,8 @@ async def test_a_worker_told_not_to_runs_no_schedules(db: asyncpg.Connection, db
 async def test_a_slot_is_enqueued_once_by_racing_callers(db: asyncpg.Connection, pool: asyncpg.Pool) -> None:
     await set_clock(db, T0 + dt.timedelta(minutes=1))
     added = await schedules.add(db, "race", "* * * * *", "test.race")
-    await db.execute("update kyrie.schedules set created_at = $1", T0 - dt.timedelta(hours=1))
+    await db.execute("update kyrie.schedules set created_at = $1, enabled_at = $1",
+                     T0 - dt.timedelta(hours=1))
     results = await asyncio.gather(*(schedules.tick(pool) for _ in range(20)))
     assert sum(len(r.enqueued) for r in results) == 1
     # A slot at or before the last one is refused outright, and so is one not yet due.
@@ -139,6 +145,36 @@ async def test_a_slot_is_enqueued_once_by_racing_callers(db: asyncpg.Connection,
     assert await db.fetchval("select kyrie.enqueue_schedule_slot($1, '* * * * *', 'UTC', $2, $2)",
                              added.id, T0 + dt.timedelta(seconds=30)) is None
     assert await db.fetchval("select count(*) from kyrie.schedule_runs") == 1
+
+
+async def test_a_pause_skips_its_slots_and_a_downtime_catches_up_once(db: asyncpg.Connection) -> None:
+    await set_clock(db, T0)
+    await schedules.add(db, "paused", "* * * * *", "test.paused")
+    await schedules.add(db, "running", "* * * * *", "test.running")
+    await db.execute("update kyrie.schedules set enabled = false where name = 'paused'")
+    # No pass for three minutes, then 'paused' is switched on again, once by
+    # the CLI's replace (INSERT ... ON CONFLICT DO UPDATE) and once more from psql.
+    await set_clock(db, T0 + dt.timedelta(minutes=3))
+    resumed = await schedules.add(db, "paused", "* * * * *", "test.paused", replace=True)
+    assert resumed.enabled_at == T0 + dt.timedelta(minutes=3)
+    # Already on: an update that leaves it on does not move enabled_at.
+    await set_clock(db, T0 + dt.timedelta(minutes=3, seconds=10))
+    await db.execute("update kyrie.schedules set enabled = true where name = 'paused'")
+    enabled_at = await db.fetchval("select enabled_at from kyrie.schedules where name = 'paused'")
+    assert enabled_at == resumed.enabled_at
+    done = await schedules.tick(db)
+    # 'running' was on the whole time: its latest missed slot (00:03) runs once.
+    # 'paused' skips the slots of its pause, 00:03 included.
+    assert len(done.enqueued) == 1
+    assert await slots_of(db, "test.running") == [dt.datetime(2030, 1, 1, 0, 3, tzinfo=dt.UTC)]
+    assert await slots_of(db, "test.paused") == []
+    # Even a stale caller that computed 00:03 is refused by the database.
+    assert await db.fetchval("select kyrie.enqueue_schedule_slot(id, cron, timezone, $1, $1)"
+                             " from kyrie.schedules where name = 'paused'",
+                             dt.datetime(2030, 1, 1, 0, 3, tzinfo=dt.UTC)) is None
+    await set_clock(db, T0 + dt.timedelta(minutes=4))
+    assert len((await schedules.tick(db)).enqueued) == 2
+    assert await slots_of(db, "test.paused") == [dt.datetime(2030, 1, 1, 0, 4, tzinfo=dt.UTC)]
 
 
 @pytest.mark.parametrize(
