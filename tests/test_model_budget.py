@@ -22,6 +22,7 @@ import httpx
 import pytest
 from budget_worker import MODEL, TODAY
 from fake_groq import FakeGroq, FakeLimits, running_fake_groq
+from queue_support import die_with_parent
 
 from kyrie_engine import queue
 from kyrie_engine.agents.budget import RateHeaders, parse_duration
@@ -205,6 +206,7 @@ def spawn(dsn: str, url: str) -> subprocess.Popen[bytes]:
         [sys.executable, str(WORKER), dsn, url, f"--window={WINDOW}", f"--rpm={RPM}", "--concurrency=4"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=die_with_parent,
     )
 
 

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from budget_worker import API_KEY, MODEL, TODAY
 from fake_groq import FakeGroq, Reply, cfo_brain, completion, rate_limited, running_fake_groq
+from queue_support import die_with_parent
 from support import add_member, new_user
 
 from kyrie_engine import queue
@@ -87,7 +88,7 @@ async def test_after_a_sigkill_the_answered_calls_are_replayed_and_each_token_co
     job_id = await enqueue(db, studio)
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once; the test then polls, never blocks on it)
         [sys.executable, str(WORKER), db_dsn, fake.url, "--lease=2", "--concurrency=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
     )
     try:
         deadline = time.monotonic() + 60
